@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python 3.11, pip, apt):
+#   bash tools/run.sh demo   set up, then build the demo data and run the main job on it
+#   bash tools/run.sh test   set up, then run every check CI runs
+#   bash tools/run.sh setup  only the set-up (.venv, torch first, the package, system packages)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+install_system_packages() {
+  # FURY 2 renders through wgpu/Vulkan: headless rendering needs Mesa's software Vulkan driver.
+  local missing=()
+  for pkg in mesa-vulkan-drivers libvulkan1; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    log "warning: ${missing[*]} missing and cannot be installed here (not root or no apt): 3D snapshots will be unavailable"
+    return 0
+  fi
+  log "installing system packages: ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+setup() {
+  install_system_packages
+  if [ ! -x "$PY" ]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+  # Re-install only when the package's metadata changed since the last set-up.
+  local stamp="$VENV/.dwiml_setup_stamp" want
+  want=$(cat settings.ini setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import dwiml_nb, torch' 2>/dev/null; then
+    return 0
+  fi
+  log "installing torch==2.13.0 (CPU build) first, so that nothing pulls a CUDA build"
+  "$PY" -m pip install -q "torch==2.13.0"
+  log "installing dwiml-nb and its dev tools"
+  "$PY" -m pip install -q -c constraints.txt -e ".[dev]"
+  # A kernel spec inside the venv, so that papermill and nbdev run notebooks with this Python.
+  "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (dwiml-nb)" >/dev/null
+  echo "$want" > "$stamp"
+}
+
+# nbdev 2.3 imports the deprecated pkg_resources: silence that one warning, keep the rest.
+export PYTHONWARNINGS="ignore:pkg_resources is deprecated:UserWarning"
+
+check_notebooks() {
+  # (a) exporting must not change the package, (b) source notebooks must be clean.
+  local before after
+  before=$(find dwiml_nb -name '*.py' -print0 | sort -z | xargs -0 sha256sum)
+  "$VENV/bin/nbdev_export" 2>/dev/null
+  after=$(find dwiml_nb -name '*.py' -print0 | sort -z | xargs -0 sha256sum)
+  if [ "$before" != "$after" ]; then
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    log "FAIL: exporting the notebooks changed dwiml_nb/ (edit nbs/, then run nbdev_export and commit both)"
+    return 1
+  fi
+  before=$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum)
+  "$VENV/bin/nbdev_clean" 2>/dev/null
+  after=$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum)
+  if [ "$before" != "$after" ]; then
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    log "FAIL: a source notebook was not clean (outputs or metadata); nbdev_clean has now cleaned it"
+    return 1
+  fi
+  log "notebooks: exported package up to date, notebooks clean"
+}
+
+run_tests() {
+  check_notebooks
+  log "nbdev notebook tests"
+  "$VENV/bin/nbdev_test" --n_workers 2 || { log "FAIL: nbdev notebook tests"; return 1; }
+  log "pytest"
+  "$PY" -m pytest -n 2 -q tests "$@"
+}
+
+demo() {
+  local out=${DWIML_DEMO_DIR:-$ROOT/demo}
+  "$VENV/bin/dwiml_make_demo_dataset" "$out" --overwrite
+  "$VENV/bin/dwiml_describe_hdf5" "$out/phantom.hdf5"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test) setup; run_tests "$@" ;;
+  demo) setup; demo "$@" ;;
+  *) echo "usage: bash tools/run.sh {demo|test|setup}" >&2; exit 2 ;;
+esac
