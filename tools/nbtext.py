@@ -4,7 +4,7 @@ The notebooks in ``nbs/`` stay the source of truth; this only converts between a
 ``.ipynb`` and a "percent" text form, one cell per ``# %%`` header:
 
     # %% [markdown]
-    Some *markdown*.
+    # Some *markdown* (each line commented with "# ", as jupytext does).
     # %%
     #| export
     def f(): ...
@@ -34,6 +34,7 @@ def notebook_to_text(path):
         head = '# %%'
         if cell['cell_type'] == 'markdown':
             head += ' [markdown]'
+            src = '\n'.join(('# ' + l) if l else '#' for l in src.split('\n'))
         tags = cell.get('metadata', {}).get('tags')
         if tags:
             head += ' tags=' + json.dumps(tags)
@@ -64,6 +65,7 @@ def text_to_notebook(text):
             source[-1] = source[-1].rstrip('\n')
         meta = {'tags': c['tags']} if c['tags'] else {}
         if c['md']:
+            source = [_uncomment(l) for l in source]
             out.append({'cell_type': 'markdown', 'metadata': meta, 'source': source})
         else:
             out.append({'cell_type': 'code', 'execution_count': None, 'metadata': meta,
@@ -71,6 +73,15 @@ def text_to_notebook(text):
     return {'cells': out,
             'metadata': {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}},
             'nbformat': 4, 'nbformat_minor': 4}
+
+
+def _uncomment(line):
+    "Markdown lines are commented in the text form: '# text' -> 'text', '#' -> ''."
+    nl = '\n' if line.endswith('\n') else ''
+    body = line[:-1] if nl else line
+    if body.startswith('# '): return body[2:] + nl
+    if body == '#': return nl
+    return line
 
 
 def main(argv):

@@ -1,0 +1,161 @@
+"""The batch inspector on real HDF5 files, real samplers and real offscreen FURY renders.
+
+Rendering needs a wgpu device (Mesa's Vulkan driver here): when the probe says there is none,
+the rendering tests are skipped with the probe's message, the others still run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dwiml_fixture import write_dwiml_hdf5
+from dwiml_nb import viz_batch
+from dwiml_nb.core import DataError
+from dwiml_nb.dataset import MultiSubjectDataset
+from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
+from dwiml_nb.viz_batch import (BatchInspector, RenderingUnavailable, batch_parts, check_rendering, make_batch_view,
+                                render_batch_png, render_view, visualize_batch_main)
+
+SIZE = (160, 160)
+# chosen order is testing, training, validation: sub-03 (training) gets 0 streamlines
+NB_STREAMLINES = (30, 0, 40, 12)
+
+
+@pytest.fixture(scope='module')
+def hdf5_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('viz') / 'data.hdf5'
+    write_dwiml_hdf5(path, dims=(12, 10, 8), nb_streamlines=NB_STREAMLINES, seed=5)
+    return path
+
+
+@pytest.fixture(scope='module')
+def sampler(hdf5_file):
+    dataset = MultiSubjectDataset(hdf5_file).load_data(progress=False)
+    return BatchStreamlinesSamplerOneInput(dataset.training_set, 'streamlines', 'input', batch_size=40, step_size=0.5,
+                                           split_ratio=0.5, reverse_ratio=0.5, noise_gaussian_size=0.1, seed=7)
+
+
+@pytest.fixture(scope='module')
+def can_render():
+    try:
+        check_rendering()
+    except RenderingUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    "A probe that crashes, as wgpu would without a driver; the real answer comes back afterwards."
+    saved = dict(viz_batch._probe_state)
+    viz_batch._probe_state.clear()
+    monkeypatch.setattr(viz_batch, '_PROBE_CODE', 'import os; os.abort()')
+    yield
+    viz_batch._probe_state.clear()
+    viz_batch._probe_state.update(saved)
+
+
+def foreground(image, background=255):
+    "Mask of the pixels that are not the white background."
+    return (np.asarray(image)[..., :3] != background).any(axis=-1)
+
+
+def test_before_and_after_show_the_same_streamlines(sampler):
+    parts = batch_parts(sampler, 0, 0)
+    before = make_batch_view(sampler, parts, stage='before')
+    after = make_batch_view(sampler, parts, stage='after', color_by='augmentation')
+    both = make_batch_view(sampler, parts, stage='both')
+    loaded = sampler.load_batch(parts)
+    assert len(after.streamlines) == len(loaded) > len(before.streamlines)    # split ratio 0.5
+    np.testing.assert_array_equal(after.streamlines.data, loaded.streamlines.data)
+    np.testing.assert_array_equal(both.underlay.data, before.streamlines.data)
+    # every augmented streamline comes from one shown before, and the before view is not augmented
+    plain = sampler.__class__(sampler.source_data, 'streamlines', 'input', batch_size=40, step_size=0.5, seed=7)
+    np.testing.assert_array_equal(before.streamlines.data, plain.load_batch(parts).streamlines.data)
+    assert set(loaded.streamline_ids) == set(plain.load_batch(parts).streamline_ids)
+
+
+def test_render_to_png_is_not_blank_and_follows_colouring_and_augmentation(sampler, can_render, tmp_path):
+    png = tmp_path / 'out' / 'batch.png'
+    after = render_batch_png(sampler, png, size=SIZE, color_by='streamline')
+    saved = np.asarray(Image.open(png))
+    np.testing.assert_array_equal(saved, after)
+    assert saved.shape == (SIZE[1], SIZE[0], 4)
+    drawn = foreground(after)
+    assert 0.01 < drawn.mean() < 0.9                                  # something drawn, not a flat fill
+    assert len(np.unique(after[drawn][:, :3], axis=0)) > 20           # many streamline colours
+    direction = render_batch_png(sampler, tmp_path / 'direction.png', size=SIZE, color_by='direction')
+    before = render_batch_png(sampler, tmp_path / 'before.png', size=SIZE, color_by='streamline', stage='before')
+    assert foreground(direction).mean() > 0.01 and foreground(before).mean() > 0.01
+    # colouring changes the colours of the same shapes; augmentation off changes the shapes
+    assert np.abs(direction.astype(int) - after.astype(int)).sum(axis=-1).astype(bool).mean() > 0.01
+    assert (foreground(before) != drawn).mean() > 0.005
+    assert not list(tmp_path.glob('out/.batch.png.tmp-*'))          # written atomically
+
+
+def test_slice_is_drawn_under_the_streamlines(sampler, can_render):
+    parts = batch_parts(sampler, 0, 0)
+    plain = render_view(make_batch_view(sampler, parts), size=SIZE)
+    sliced = render_view(make_batch_view(sampler, parts, slice_axis='z', slice_index=3), size=SIZE)
+    assert foreground(sliced).mean() > foreground(plain).mean() + 0.05
+
+
+def test_inspector_widget_updates_and_reports_problems(hdf5_file, can_render):
+    dataset = MultiSubjectDataset(hdf5_file).load_data(progress=False)
+    inspector = BatchInspector(dataset=dataset, streamline_group='streamlines', input_group='input', size=SIZE,
+                               batch_size=40, step_size=0.5, split_ratio=0.5, seed=7)
+    first = inspector.image.value
+    assert first[:8] == b'\x89PNG\r\n\x1a\n' and 'training set' in inspector.message.value
+    inspector.controls['color_by'].value = 'direction'
+    assert inspector.image.value != first
+    # sub-03 has no streamlines: a message naming it, no exception, the picture is kept
+    empty = dataset.training_set.subjects.index('sub-03')
+    shown = inspector.image.value
+    inspector.controls['subject'].value = empty
+    assert "subject 'sub-03'" in inspector.message.value and 'has no streamlines' in inspector.message.value
+    assert inspector.image.value == shown
+    inspector.controls['subset'].value = 'validation'
+    assert 'validation set' in inspector.message.value
+    epoch = inspector.epoch
+    inspector.controls['new_draw'].click()
+    assert inspector.epoch == epoch + 1 and 'epoch 1' in inspector.message.value
+
+
+def test_no_gpu_driver_gives_a_message_not_a_crash(sampler, no_gpu, tmp_path):
+    view = make_batch_view(sampler, batch_parts(sampler, 0, 0))
+    with pytest.raises(RenderingUnavailable, match='crashed.*mesa-vulkan-drivers'):
+        render_view(view, size=SIZE)
+    inspector = BatchInspector(sampler, size=SIZE)
+    assert 'not available' in inspector.message.value and inspector.image.value == b''
+    with pytest.raises(SystemExit) as exit_:
+        visualize_batch_main([str(sampler.source_data.hdf5_file), 'streamlines', '--save', str(tmp_path / 'x.png')])
+    assert exit_.value.code == 2 and not (tmp_path / 'x.png').exists()
+
+
+def test_console_script_renders_and_refuses_bad_input(hdf5_file, can_render, tmp_path, capsys):
+    out = tmp_path / 'batch.png'
+    with pytest.raises(SystemExit) as exit_:
+        visualize_batch_main([str(hdf5_file), 'streamlines', '--input_group', 'input', '--batch_size', '20',
+                              '--seed', '3', '--color_by', 'feature', '--feature', '2', '--slice', 'z',
+                              '--step_size', '0.5', '--size', '120', '100', '--save', str(out)])
+    assert exit_.value.code == 0
+    image = np.asarray(Image.open(out))
+    assert image.shape == (100, 120, 4) and foreground(image).mean() > 0.01
+    capsys.readouterr()
+    for argv, message in [
+            (['--subject', 'sub-03'], "subject 'sub-03', group 'streamlines'"),
+            (['--color_by', 'feature'], 'needs a sampler with an input group'),
+            (['--batch_index', '99'], 'outside epoch 0'),
+            (['--slice', 'z'], '--slice needs --input_group')]:
+        with pytest.raises(SystemExit) as exit_:
+            visualize_batch_main([str(hdf5_file), 'streamlines', '--save', str(tmp_path / 'bad.png'), *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and 'Traceback' not in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'bad.png').exists()
+
+
+def test_a_subject_without_streamlines_is_named(sampler):
+    empty = sampler.source_data.subjects.index('sub-03')
+    with pytest.raises(DataError, match="subject 'sub-03', group 'streamlines'.*has no streamlines in this group"):
+        make_batch_view(sampler, batch_parts(sampler, 0, 0), subject=empty)
