@@ -51,25 +51,29 @@ setup() {
 # nbdev 2.3 imports the deprecated pkg_resources: silence that one warning, keep the rest.
 export PYTHONWARNINGS="ignore:pkg_resources is deprecated:UserWarning"
 
+fingerprint() { find "$1" -name "$2" -print0 | sort -z | xargs -0 sha256sum; }
+
+# Fails (with $3 as the message) when the command "${@:4}" changes files $2 under folder $1.
+check_unchanged_by() {
+  local folder=$1 pattern=$2 message=$3 before after
+  before=$(fingerprint "$folder" "$pattern")
+  "${@:4}" 2>/dev/null
+  after=$(fingerprint "$folder" "$pattern")
+  if [ "$before" != "$after" ]; then
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    log "FAIL: $message"
+    return 1
+  fi
+}
+
 check_notebooks() {
   # (a) exporting must not change the package, (b) source notebooks must be clean.
-  local before after
-  before=$(find dwiml_nb -name '*.py' -print0 | sort -z | xargs -0 sha256sum)
-  "$VENV/bin/nbdev_export" 2>/dev/null
-  after=$(find dwiml_nb -name '*.py' -print0 | sort -z | xargs -0 sha256sum)
-  if [ "$before" != "$after" ]; then
-    diff <(echo "$before") <(echo "$after") >&2 || true
-    log "FAIL: exporting the notebooks changed dwiml_nb/ (edit nbs/, then run nbdev_export and commit both)"
-    return 1
-  fi
-  before=$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum)
-  "$VENV/bin/nbdev_clean" 2>/dev/null
-  after=$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum)
-  if [ "$before" != "$after" ]; then
-    diff <(echo "$before") <(echo "$after") >&2 || true
-    log "FAIL: a source notebook was not clean (outputs or metadata); nbdev_clean has now cleaned it"
-    return 1
-  fi
+  check_unchanged_by dwiml_nb '*.py' \
+    "exporting the notebooks changed dwiml_nb/ (edit nbs/, then run nbdev_export and commit both)" \
+    "$VENV/bin/nbdev_export" || return 1
+  check_unchanged_by nbs '*.ipynb' \
+    "a source notebook was not clean (outputs or metadata); nbdev_clean has now cleaned it" \
+    "$VENV/bin/nbdev_clean" || return 1
   log "notebooks: exported package up to date, notebooks clean"
 }
 
