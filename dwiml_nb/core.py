@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 # %% auto 0
-__all__ = ['DwimlError', 'DataError', 'ConfigError', 'CheckpointError', 'atomic_write', 'setup_logging', 'run_cli',
-           'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
+__all__ = ['DwimlError', 'DataError', 'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging',
+           'run_cli', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -46,6 +47,10 @@ class ConfigError(DwimlError, ValueError):
 class CheckpointError(DwimlError):
     "A checkpoint that is missing, corrupted, foreign or unsafe."
 
+
+class DiskFullError(DwimlError, OSError):
+    "A file that could not be written for lack of space (full disk, quota, file size limit)."
+
 # %% ../nbs/00_core.ipynb
 @contextlib.contextmanager
 def atomic_write(path, suffix=''):
@@ -60,6 +65,8 @@ def atomic_write(path, suffix=''):
     for stale in path.parent.glob(f'.{path.name}.tmp-*'):
         _remove_stale_temp(stale)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-{os.getpid()}-', suffix=suffix, dir=path.parent)
+    # mkstemp makes a private (0600) file; the result should have the mode any new file gets here.
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -67,9 +74,42 @@ def atomic_write(path, suffix=''):
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        no_space = not isinstance(e, DwimlError) and isinstance(e, Exception) and _out_of_space(e, tmp)
         tmp.unlink(missing_ok=True)
+        if no_space:
+            raise DiskFullError(f'cannot be written: {no_space}; the previous version, if any, is intact',
+                                file=path) from e
         raise
+
+
+def _out_of_space(error, tmp):
+    "Why writing `tmp` failed for lack of space (a short text), or '' when it did not."
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return 'no space left on device'
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return 'file too large (file size limit)'
+    with contextlib.suppress(OSError, ImportError, AttributeError):
+        if os.statvfs(tmp.parent).f_bavail == 0:
+            return 'no space left on device'
+        import resource  # POSIX only
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit:
+            return f'file too large (the file size limit is {limit} bytes)'
+    return ''
+
+
+def _current_umask():
+    # Linux tells the umask without changing it; os.umask would set it, for a moment, for every thread.
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_temp(stale):

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import ConfigError, DataError, PackedStreamlines, offsets_from_lengths, ranges_to_indices
-from .hdf5 import open_dwiml_hdf5, read_group_attrs, read_root_attrs
+from .core import ConfigError, DataError, DwimlError, PackedStreamlines, offsets_from_lengths, ranges_to_indices
+from .hdf5 import H5PY_READ_ERRORS, open_dwiml_hdf5, read_group_attrs, read_root_attrs
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
     def _read(self, subject, group, read):
         try:
             return read(self._opener.node(f'{subject.name}/{group}/data'))
-        except (OSError, KeyError) as e:
+        except H5PY_READ_ERRORS as e:
             raise DataError(f'cannot be read ({e})', file=self.hdf5_file, subject=subject.name, group=group) from e
 
     # --- volumes ---
@@ -277,8 +277,9 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
         subject = self._subject(subj_idx)
         self._check_group(group, 'volume')
         if not self.lazy: return subject.volumes[group]
-        return self._cache.get((subject.name, group), lambda: torch.from_numpy(
-            self._read(subject, group, lambda data: _as_4d(data[()]))))
+        return self._cache.get((subject.name, group), lambda: torch.from_numpy(_finite(
+            self._read(subject, group, lambda data: _as_4d(data[()])), 'the volume values',
+            file=self.hdf5_file, subject=subject.name, group=group)))
 
     def get_volume_affine(self, subj_idx, group):
         "The volume's affine (voxel to RAS+ mm), 4×4 float64."
@@ -333,7 +334,9 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
         ids = self._check_ids(subject, group, ids)
         if not self.lazy: return subject.streamlines[group].select(ids)
         info = subject.streamline_info[group]
-        return self._read(subject, group, lambda data: read_packed_streamlines(data, info.offsets, info.lengths, ids))
+        streams = self._read(subject, group, lambda data: read_packed_streamlines(data, info.offsets, info.lengths, ids))
+        _finite(streams.data, 'the streamline points', file=self.hdf5_file, subject=subject.name, group=group)
+        return streams
 
     def get_dps(self, subj_idx, group, key, ids):
         "Data per streamline ``key`` of streamlines ``ids``, as stored (dwi_ml: float32 (n, 1))."
@@ -377,6 +380,15 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
 def _as_4d(volume):
     "dwi_ml stores X×Y×Z×F; a lone 3-D volume is one feature."
     return volume[..., None] if volume.ndim == 3 else volume
+
+
+def _finite(array, what, *, file, subject, group):
+    # Our builder refuses NaN/Inf; a file from elsewhere (or damaged) may still hold some, and one
+    # NaN in an input turns every loss it touches into NaN: refuse it when it is read.
+    bad = array.size - np.count_nonzero(np.isfinite(array))
+    if bad:
+        raise DataError(f'{what} contain {bad} NaN/Inf value(s)', file=file, subject=subject, group=group)
+    return array
 
 # %% ../nbs/02_dataset.ipynb
 class MultiSubjectDataset:
@@ -423,9 +435,13 @@ class MultiSubjectDataset:
             for name in tqdm(all_subjects, desc=f"loading {self.hdf5_file.name} ({'lazy' if self.lazy else 'RAM'})",
                              disable=not progress, leave=False):
                 loaded[name] = self._load_subject(f, name)
-        except OSError as e:
+        except DwimlError:
             opener.close()
-            raise DataError(f'cannot be read: it is truncated or corrupted ({e})', file=self.hdf5_file) from e
+            raise
+        except H5PY_READ_ERRORS as e:
+            opener.close()
+            raise DataError(f'cannot be read: it is truncated or corrupted ({type(e).__name__}: {e})',
+                            file=self.hdf5_file) from e
         except BaseException:
             opener.close()
             raise
@@ -474,11 +490,14 @@ class MultiSubjectDataset:
                                 file=self.hdf5_file, subject=name, group=group)
             if kind == 'volume':
                 affines[group], shapes[group] = self._volume_meta(g, name, group)
-                if not self.lazy: volumes[group] = torch.from_numpy(_as_4d(g['data'][()].astype(np.float32, copy=False)))
+                if not self.lazy: volumes[group] = torch.from_numpy(_finite(
+                    _as_4d(g['data'][()].astype(np.float32, copy=False)), 'the volume values',
+                    file=self.hdf5_file, subject=name, group=group))
             else:
                 infos[group], dps[group] = _read_streamline_group(g, file=self.hdf5_file, subject=name, group=group)
                 if not self.lazy:
-                    points = g['data'][()].astype(np.float32, copy=False)
+                    points = _finite(g['data'][()].astype(np.float32, copy=False), 'the streamline points',
+                                     file=self.hdf5_file, subject=name, group=group)
                     streamlines[group] = PackedStreamlines(points, infos[group].offsets, infos[group].lengths)
         return _Subject(name, affines, shapes, infos, dps, volumes, streamlines)
 

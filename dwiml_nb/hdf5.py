@@ -10,6 +10,7 @@ import ast
 import datetime
 import json
 import logging
+import os
 from pathlib import Path
 
 import h5py
@@ -17,21 +18,30 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write,
+from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
                            offsets_from_lengths, run_cli, setup_logging)
+
+try:
+    import resource  # POSIX: the process's file size limit
+except ImportError:
+    resource = None
 
 log = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['log', 'NOT_DEFINED', 'REQUIRED_ROOT_ATTRS', 'GROUP_TYPES', 'VOLUME_KEYS', 'STREAMLINE_KEYS', 'UNSUPPORTED_KEYS',
-           'STANDARDIZATIONS', 'SUBSETS', 'GRID_ATOL', 'STD_EPSILON', 'TRACTOGRAM_SUFFIXES', 'DESCRIBE_FORMAT_VERSION',
-           'open_dwiml_hdf5', 'read_root_attrs', 'read_group_attrs', 'load_groups_config', 'read_subject_list',
-           'check_subject_lists', 'load_volume', 'check_same_grid', 'standardize', 'build_volume_group',
-           'load_tractogram_vox', 'resample_sft', 'euclidean_lengths_mm', 'build_streamline_group',
-           'create_hdf5_dataset', 'describe_hdf5', 'format_description', 'create_hdf5_main', 'describe_main']
+__all__ = ['log', 'NOT_DEFINED', 'H5PY_READ_ERRORS', 'REQUIRED_ROOT_ATTRS', 'GROUP_TYPES', 'VOLUME_KEYS', 'STREAMLINE_KEYS',
+           'UNSUPPORTED_KEYS', 'STANDARDIZATIONS', 'SUBSETS', 'GRID_ATOL', 'STD_EPSILON', 'TRACTOGRAM_SUFFIXES',
+           'BORDER_TOLERANCE_VOX', 'ROOM_MARGIN_BYTES', 'DESCRIBE_FORMAT_VERSION', 'open_dwiml_hdf5', 'read_root_attrs',
+           'read_group_attrs', 'load_groups_config', 'read_subject_list', 'check_subject_lists', 'load_volume',
+           'check_same_grid', 'standardize', 'build_volume_group', 'load_tractogram_vox', 'resample_sft',
+           'euclidean_lengths_mm', 'build_streamline_group', 'create_hdf5_dataset', 'describe_hdf5',
+           'format_description', 'create_hdf5_main', 'describe_main']
 
 # %% ../nbs/01_hdf5.ipynb
 NOT_DEFINED = 'Not defined by user'
+# A damaged file (a flipped bit in a header, an address past the end) comes out of h5py as any of
+# these, depending on which structure broke; all mean "this file cannot be trusted".
+H5PY_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 REQUIRED_ROOT_ATTRS = ('groups_config', 'training_subjs', 'validation_subjs', 'testing_subjs')
 GROUP_TYPES = ('volume', 'streamlines')
 
@@ -74,7 +84,7 @@ def open_dwiml_hdf5(path):
     except DwimlError:
         f.close()
         raise
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
+    except H5PY_READ_ERRORS as e:
         f.close()
         raise DataError(f'is truncated or corrupted (h5py: {e})', file=path) from e
     return f
@@ -401,6 +411,8 @@ def _resolve_files(subj_dir, patterns, subject, group):
 
 # %% ../nbs/01_hdf5.ipynb
 TRACTOGRAM_SUFFIXES = ('.trk', '.tck', '.trx')
+# Points on the border, put a hair outside by float32 round-off, are inside (and stored unchanged).
+BORDER_TOLERANCE_VOX = 1e-3
 
 
 def _space_attributes_mismatch(got, ref):
@@ -446,23 +458,38 @@ def load_tractogram_vox(path, reference=None, dps_keys=(), *, subject=None, grou
     try:
         sft = load_tractogram(str(path), 'same' if suffix == '.trk' else str(reference),
                               bbox_valid_check=False, trk_header_check=False)
+        announced = _announced_count(path) if suffix in ('.trk', '.tck') else None
     except Exception as e:  # nibabel/trx raise many kinds for a broken file
         raise DataError(f'cannot be read as a tractogram ({type(e).__name__}: {e})', **where) from e
     if sft is False:
         raise DataError('cannot be read as a tractogram', **where)
+    if announced is not None and announced != len(sft):
+        raise DataError(f'its header announces {announced} streamlines but {len(sft)} could be read (the reader '
+                        'skips streamlines of 0 points): remove empty streamlines before building', **where)
     if reference is not None:
         problem = _space_attributes_mismatch(sft.space_attributes, get_reference_info(str(reference)))
         if problem:
             raise DataError(f'header disagrees with the reference volume {Path(reference).name}: {problem}', **where)
-    sft.to_vox()
-    sft.to_corner()
+    if len(sft):  # dipy cannot move an empty tractogram between spaces; it has nothing to move
+        sft.to_vox()
+        sft.to_corner()
     _check_streamlines(sft, where)
     dps = {}
-    for key in dps_keys:
+    for key in dps_keys if len(sft) else ():  # an empty file keeps no dps key (nothing to keep either)
         if key not in sft.data_per_streamline:
             raise DataError(f'has no data_per_streamline {key!r} (it has {sorted(sft.data_per_streamline)})', **where)
         dps[key] = np.asarray(sft.data_per_streamline[key], dtype=np.float32).reshape(len(sft), -1)
     return sft, dps
+
+
+def _announced_count(path):
+    # Header only (lazy): the count the writer meant to store.
+    count = nib.streamlines.load(str(path), lazy_load=True).header.get(nib.streamlines.Field.NB_STREAMLINES)
+    try:
+        count = int(count)
+    except (TypeError, ValueError):
+        return None
+    return count if count > 0 else None  # .tck writers may leave 0 or no count: nothing to compare
 
 
 def _check_streamlines(sft, where):
@@ -471,11 +498,17 @@ def _check_streamlines(sft, where):
     if len(short):
         raise DataError(f'{len(short)} streamline(s) have fewer than 2 points (first: #{int(short[0])}, '
                         f'{int(lengths[short[0]])} point(s)); remove them before building', **where)
-    data = sft.streamlines.get_data()
+    data = np.asarray(sft.streamlines.get_data()).reshape(-1, 3)
+    point_streamline = np.repeat(np.arange(len(lengths)), lengths)
+    not_finite = ~np.isfinite(data).all(axis=1)
+    if not_finite.any():
+        bad_streamlines = np.unique(point_streamline[not_finite])
+        raise DataError(f'{len(bad_streamlines)} streamline(s) have NaN/Inf coordinates '
+                        f'(first: #{int(bad_streamlines[0])})', **where)
     dims = np.asarray(sft.dimensions, dtype=np.float64)
-    outside = np.any((data < 0) | (data > dims), axis=1)
+    outside = ~np.all((data >= -BORDER_TOLERANCE_VOX) & (data <= dims + BORDER_TOLERANCE_VOX), axis=1)
     if outside.any():
-        bad_streamlines = np.unique(np.repeat(np.arange(len(lengths)), lengths)[outside])
+        bad_streamlines = np.unique(point_streamline[outside])
         raise DataError(f'{len(bad_streamlines)} streamline(s) have points outside the volume {tuple(dims.astype(int).tolist())} '
                         f'(voxel space, corner origin; first: #{int(bad_streamlines[0])})', **where)
 
@@ -536,16 +569,52 @@ def build_streamline_group(subj_dir, group, conf, *, reference=None, subject=Non
             space, first = sft.space_attributes, path
         elif problem := _space_attributes_mismatch(sft.space_attributes, space):
             raise DataError(f'header disagrees with {first.name}: {problem}', file=path, subject=subject, group=group)
+        if len(sft) == 0:
+            log.warning('subject %s, group %s: %s holds no streamline', subject, group, path)
+            continue
         sft = resample_sft(sft, step_size=step_size, nb_points=nb_points, compress=compress)
         packs.append(PackedStreamlines(np.asarray(sft.streamlines.get_data(), dtype=dtype),
                                        offsets_from_lengths(sft.streamlines._lengths),
                                        np.asarray(sft.streamlines._lengths, dtype=np.int64)))
         for k in dps_keys: dps_parts[k].append(dps[k])
+    if not packs:
+        raise DataError('has no streamline in any of its tractograms: a subject must have streamlines to be '
+                        'sampled; remove it from the subject lists or give it streamlines',
+                        file=subj_dir, subject=subject, group=group)
     streams = PackedStreamlines.concatenate(packs)
     return {'streamlines': streams,
             'euclidean_lengths': euclidean_lengths_mm(streams, space[0]).astype(dtype),
             'dps': {k: np.concatenate(v) for k, v in dps_parts.items()},
             'space_attributes': space}
+
+# %% ../nbs/01_hdf5.ipynb
+ROOM_MARGIN_BYTES = 1 << 20
+
+
+class _RoomGuard:
+    "Raise `DiskFullError` before an array of `nbytes` would not fit in the file being written."
+    def __init__(self, tmp, out_file):
+        self.tmp, self.out_file = Path(tmp), Path(out_file)
+
+    def __call__(self, h5file, nbytes):
+        needed = int(nbytes) + ROOM_MARGIN_BYTES + int(nbytes) // 100
+        stat = os.statvfs(self.tmp.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < needed:
+            raise DiskFullError(f'cannot be written: no space left on device ({free} bytes free, '
+                                f'{needed} needed for the next array)', file=self.out_file)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
+        if limit not in (-1, getattr(resource, 'RLIM_INFINITY', -1)):
+            size = max(self.tmp.stat().st_size, h5file.id.get_filesize())
+            if size + needed > limit:
+                raise DiskFullError(f'cannot be written: file too large (the file size limit is {limit} bytes)',
+                                    file=self.out_file)
+
+
+def _write_array(group, name, data, room):
+    data = np.asarray(data)
+    if room is not None: room(group.file, data.nbytes)
+    group.create_dataset(name, data=data)
 
 # %% ../nbs/01_hdf5.ipynb
 def _optional_attr(value): return NOT_DEFINED if value is None else value
@@ -606,10 +675,13 @@ def create_hdf5_dataset(database_dir, out_file, config, training_subjs, validati
     volume_groups = [g for g, c in config.items() if c['type'] == 'volume']
     with atomic_write(out_file) as tmp, h5py.File(tmp, 'w') as f:
         _write_root_attrs(f, config, training, validation, testing, step_size, nb_points, compress)
+        first_features = None
         for subj in tqdm(subjects, desc='subjects', unit='subject', disable=not progress):
             log.debug('subject %s', subj)
-            _write_subject(f.create_group(subj), database_dir / subj, subj, config, volume_groups,
-                           step_size=step_size, nb_points=nb_points, compress=compress)
+            features = _write_subject(f.create_group(subj), database_dir / subj, subj, config, volume_groups,
+                                      room=_RoomGuard(tmp, out_file), step_size=step_size, nb_points=nb_points,
+                                      compress=compress)
+            first_features = _check_same_features(first_features, features, subjects[0], subj, database_dir)
     log.info('wrote %s (%d subjects)', out_file, len(subjects))
     return out_file
 
@@ -636,8 +708,20 @@ def _write_root_attrs(f, config, training, validation, testing, step_size, nb_po
     f.attrs['compress'] = _optional_attr(None if compress is None else float(compress))
 
 
-def _write_subject(subj_group, subj_dir, subj, config, volume_groups, **resampling):
-    reference, ref_grid = None, None
+def _check_same_features(first, features, first_subject, subject, database_dir):
+    # A model has one input size: a subject with another number of features is unusable.
+    if first is None: return features
+    for group, n in features.items():
+        if n != first[group]:
+            raise DataError(f"has {n} feature(s) but subject '{first_subject}' has {first[group]}: every subject "
+                            'needs the same number of features in a volume group',
+                            file=database_dir / subject, subject=subject, group=group)
+    return first
+
+
+def _write_subject(subj_group, subj_dir, subj, config, volume_groups, room=None, **resampling):
+    "Write one subject's groups; return {volume group: number of features}."
+    reference, ref_grid, features = None, None, {}
     for group in volume_groups:
         data, affine, voxres = build_volume_group(subj_dir, group, config[group], subject=subj)
         if ref_grid is None:
@@ -646,11 +730,12 @@ def _write_subject(subj_group, subj_dir, subj, config, volume_groups, **resampli
         else:
             check_same_grid(ref_grid, (data.shape, affine), what=f"volume group '{ref_group}'", subject=subj, group=group)
         g = subj_group.create_group(group)
-        g.create_dataset('data', data=data)
+        _write_array(g, 'data', data, room)
         g.attrs['type'] = 'volume'
         g.attrs['affine'] = affine
         g.attrs['voxres'] = voxres
         g.attrs['nb_features'] = np.int64(data.shape[-1])
+        features[group] = int(data.shape[-1])
     for group, conf in config.items():
         if conf['type'] != 'streamlines': continue
         built = build_streamline_group(subj_dir, group, conf, reference=reference, subject=subj, **resampling)
@@ -664,13 +749,14 @@ def _write_subject(subj_group, subj_dir, subj, config, volume_groups, **resampli
         g.attrs['voxel_sizes'] = np.asarray(voxel_sizes, dtype=np.float32)
         g.attrs['voxel_order'] = str(voxel_order)
         streams = built['streamlines']
-        g.create_dataset('data', data=streams.data)
-        g.create_dataset('offsets', data=streams.offsets.astype(np.int64))
-        g.create_dataset('lengths', data=streams.lengths.astype(np.int64))
-        g.create_dataset('euclidean_lengths', data=built['euclidean_lengths'])
+        _write_array(g, 'data', streams.data, room)
+        _write_array(g, 'offsets', streams.offsets.astype(np.int64), room)
+        _write_array(g, 'lengths', streams.lengths.astype(np.int64), room)
+        _write_array(g, 'euclidean_lengths', built['euclidean_lengths'], room)
         dps_group = g.create_group('data_per_streamline')
         for key, values in built['dps'].items():
-            dps_group.create_dataset(key, data=values)
+            _write_array(dps_group, key, values, room)
+    return features
 
 # %% ../nbs/01_hdf5.ipynb
 DESCRIBE_FORMAT_VERSION = 1
@@ -679,6 +765,15 @@ DESCRIBE_FORMAT_VERSION = 1
 def describe_hdf5(path):
     "Summary of a dwi_ml HDF5 file as a JSON-ready dict (schema above)."
     path = Path(path)
+    try:
+        return _describe_open_file(path)
+    except DwimlError:
+        raise
+    except H5PY_READ_ERRORS as e:
+        raise DataError(f'is truncated or corrupted (h5py: {type(e).__name__}: {e})', file=path) from e
+
+
+def _describe_open_file(path):
     with open_dwiml_hdf5(path) as f:
         root = read_root_attrs(f)
         config = root['groups_config']

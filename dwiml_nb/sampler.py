@@ -16,13 +16,14 @@ from torch.utils.data import Sampler
 
 from .augment import add_noise, compress, resample_nb_points, resample_step_size, reverse_streamlines, split_streamlines
 from .core import ConfigError, PackedStreamlines
+from .distributed import rank_and_world_size
 from .interpolation import interpolate_with_neighborhood, neighborhood_offsets, trilinear_interpolation
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'BATCH_SIZE_UNITS', 'NEIGHBORHOOD_TYPES', 'BatchPart', 'estimate_nb_points', 'streamline_costs',
-           'plan_epoch', 'StreamlineBatch', 'AbstractBatchSampler', 'BatchStreamlinesSamplerOneInput']
+           'plan_epoch', 'shard_plan', 'StreamlineBatch', 'AbstractBatchSampler', 'BatchStreamlinesSamplerOneInput']
 
 # %% ../nbs/06_sampler.ipynb
 class BatchPart(tuple):
@@ -30,11 +31,14 @@ class BatchPart(tuple):
 
     A 2-tuple (so ``subj, ids = part`` works) that also carries the ``epoch`` and
     ``batch_index`` of its batch. ``streamline_ids`` is an int64 array of ids in the subject's
-    streamline group, in the order they are loaded.
+    streamline group, in the order they are loaded. ``batch_index`` identifies the batch in the
+    epoch's global plan (it seeds the batch's RNG); ``step`` is its position in the plan this
+    process runs (the same as ``batch_index`` in a single process, see `shard_plan`).
     """
-    def __new__(cls, subject_index, streamline_ids, epoch=0, batch_index=0):
+    def __new__(cls, subject_index, streamline_ids, epoch=0, batch_index=0, step=None):
         part = super().__new__(cls, (int(subject_index), np.asarray(streamline_ids, dtype=np.int64)))
         part.epoch, part.batch_index = int(epoch), int(batch_index)
+        part.step = part.batch_index if step is None else int(step)
         return part
 
     @property
@@ -44,7 +48,7 @@ class BatchPart(tuple):
     def streamline_ids(self): return self[1]
 
     def __reduce__(self):
-        return BatchPart, (self[0], self[1], self.epoch, self.batch_index)
+        return BatchPart, (self[0], self[1], self.epoch, self.batch_index, self.step)
 
     def __eq__(self, other):
         return (isinstance(other, BatchPart) and self[0] == other[0] and np.array_equal(self[1], other[1])
@@ -55,7 +59,9 @@ class BatchPart(tuple):
     __hash__ = None
 
     def __repr__(self):
-        return f'BatchPart(subject={self[0]}, nb_streamlines={len(self[1])}, epoch={self.epoch}, batch={self.batch_index})'
+        step = '' if self.step == self.batch_index else f', step={self.step}'
+        return (f'BatchPart(subject={self[0]}, nb_streamlines={len(self[1])}, epoch={self.epoch}, '
+                f'batch={self.batch_index}{step})')
 
 # %% ../nbs/06_sampler.ipynb
 BATCH_SIZE_UNITS = ('nb_streamlines', 'nb_points', 'length_mm')
@@ -161,6 +167,57 @@ def plan_epoch(costs, budget, rng, *, nb_subjects_per_batch=None, cycles=1, subj
     return batches
 
 # %% ../nbs/06_sampler.ipynb
+def shard_plan(plan, points, world_size):
+    """Split the global plan of an epoch between `world_size` ranks, as described above.
+
+    Parameters
+    ----------
+    plan : list of list of (subject_index, ndarray of int64)
+        The global plan (`plan_epoch`'s output).
+    points : list of ndarray (n_s,)
+        For each subject, the (estimated) number of points of each of its streamlines.
+    world_size : int
+
+    Returns
+    -------
+    shards : list (world_size) of list of (global_batch_index, list of (subject_index, ndarray))
+        Each rank's batches in the order it runs them; every rank has the same number.
+    nb_dropped : int
+        Streamlines left out (only when the leftover pool holds fewer streamlines than ranks).
+    """
+    nb_batches = len(plan)
+    if world_size == 1:
+        return [list(enumerate(plan))], 0
+    batch_points = np.array([sum(float(points[s][ids].sum()) for s, ids in b) for b in plan], dtype=np.float64)
+    by_size = np.argsort(-batch_points, kind='stable')
+    nb_rounds = nb_batches // world_size
+    rounds = np.sort(by_size[:nb_rounds * world_size].reshape(nb_rounds, world_size), axis=1)
+    rounds = rounds[np.argsort(rounds[:, 0], kind='stable')]
+    pool = sorted(by_size[nb_rounds * world_size:].tolist())
+
+    def pool_size(): return sum(len(ids) for b in pool for _, ids in plan[b])
+    if pool and pool_size() < world_size and nb_rounds:  # too few to deal: melt the last round in too
+        pool, rounds = sorted(pool + rounds[-1].tolist()), rounds[:-1]
+    shards = [[(int(b), plan[b]) for b in rounds[:, r]] for r in range(world_size)]
+    if not pool:
+        return shards, 0
+    subjects = np.concatenate([np.full(len(ids), s, dtype=np.int64) for b in pool for s, ids in plan[b]])
+    ids = np.concatenate([np.asarray(ids, dtype=np.int64) for b in pool for _, ids in plan[b]])
+    if len(ids) < world_size:
+        return shards, len(ids)
+    cost = np.array([points[s][i] for s, i in zip(subjects, ids)], dtype=np.float64)
+    k = np.arange(len(ids))
+    snake = np.where((k // world_size) % 2 == 0, k % world_size, world_size - 1 - k % world_size)
+    owner = np.empty(len(ids), dtype=np.int64)
+    owner[np.argsort(-cost, kind='stable')] = snake
+    for r in range(world_size):
+        mine_subjects, mine_ids = subjects[owner == r], ids[owner == r]
+        _, first = np.unique(mine_subjects, return_index=True)
+        parts = [(int(s), mine_ids[mine_subjects == s]) for s in mine_subjects[np.sort(first)]]
+        shards[r].append((nb_batches + r, parts))
+    return shards, 0
+
+# %% ../nbs/06_sampler.ipynb
 def _where(subset):
     return dict(file=str(getattr(subset, 'hdf5_file', None) or '') or None)
 
@@ -210,8 +267,10 @@ class StreamlineBatch:
         ``N_points × (F·K)`` float32 features under every point (K neighbours, point first),
         aligned with ``streamlines.data``; None for samplers without an input group.
     epoch, batch_index : int
-        Where the batch is in the epoch plan (``batch_index + 1`` is the ``next_batch`` to
-        resume after it).
+        Where the batch is in the epoch's global plan (``batch_index`` seeds its RNG).
+    step : int or None
+        Its position in the plan this process runs (``step + 1`` is the ``next_batch`` to resume
+        after it); equal to ``batch_index`` in a single process. None: use ``batch_index``.
     """
     streamlines: PackedStreamlines
     subject_ids: np.ndarray
@@ -219,6 +278,7 @@ class StreamlineBatch:
     inputs: torch.Tensor | None
     epoch: int
     batch_index: int
+    step: int | None = None
 
     def __len__(self): return len(self.streamlines)
 
@@ -277,6 +337,9 @@ class AbstractBatchSampler(Sampler):
         Std in mm of the Gaussian noise added to every point (0: none).
     noise_gaussian_max : float, optional
         Clip of the noise along each axis, in mm (default 2 std).
+    rank, world_size : int, optional
+        This process's share of the plan (default: from torch.distributed or torchrun's
+        environment, else 0 of 1).
 
     Raises
     ------
@@ -286,8 +349,9 @@ class AbstractBatchSampler(Sampler):
     def __init__(self, subset, streamline_group, *, batch_size, batch_size_units='nb_streamlines',
                  nb_subjects_per_batch=None, cycles=1, subject_weights=None, max_batches_per_epoch=None,
                  seed=1234, step_size=None, nb_points=None, compress=None, split_ratio=0., reverse_ratio=0.,
-                 noise_gaussian_size=0., noise_gaussian_max=None):
+                 noise_gaussian_size=0., noise_gaussian_max=None, rank=None, world_size=None):
         self.source_data = subset
+        self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.streamline_group = _check_group(subset, streamline_group, 'streamlines')
         if batch_size_units not in BATCH_SIZE_UNITS:
             raise ConfigError(f'batch_size_units must be one of {BATCH_SIZE_UNITS}, got {batch_size_units!r}')
@@ -315,8 +379,10 @@ class AbstractBatchSampler(Sampler):
         self.subject_weights = self._check_weights(subject_weights)
         self._infos = [subset.get_streamline_info(s, streamline_group) for s in range(len(subset.subjects))]
         self._costs = [streamline_costs(info, batch_size_units, self.step_size, self.nb_points) for info in self._infos]
+        self._points = [estimate_nb_points(i.lengths, i.euclidean_lengths, self.step_size, self.nb_points)
+                        for i in self._infos]
         self._check_budget_fits()
-        self.epoch, self._next_batch, self._plan_cache = 0, 0, None
+        self.epoch, self._next_batch, self._plan_cache, self._shard_cache = 0, 0, None, None
 
     def _check_weights(self, weights):
         if weights is None: return None
@@ -351,6 +417,25 @@ class AbstractBatchSampler(Sampler):
         self._plan_cache = (epoch, plan)
         return plan
 
+    def rank_plan(self, epoch, rank=None):
+        """This rank's batches of `epoch` (`shard_plan` of `epoch_plan`); the global plan when ``world_size == 1``.
+
+        Each `BatchPart` keeps its global ``batch_index`` and gets its ``step`` in this list.
+        """
+        rank = self.rank if rank is None else int(rank)
+        if self.world_size == 1:
+            return self.epoch_plan(epoch)
+        if self._shard_cache is None or self._shard_cache[0] != epoch:
+            plan = self.epoch_plan(epoch)
+            shards, dropped = shard_plan([[(p[0], p[1]) for p in batch] for batch in plan], self._points,
+                                         self.world_size)
+            if dropped:
+                logger.warning('epoch %d of the %s set: %d streamlines left out, fewer than the %d ranks',
+                               epoch, getattr(self.source_data, 'set_name', ''), dropped, self.world_size)
+            self._shard_cache = (epoch, [[[BatchPart(s, ids, epoch, b, step) for s, ids in batch]
+                                          for step, (b, batch) in enumerate(shard)] for shard in shards])
+        return self._shard_cache[1][rank]
+
     def set_epoch(self, epoch):
         "Use `epoch`'s plan from now on; the position goes back to 0 only if `epoch` is a new epoch."
         epoch = _check_number(epoch, 'epoch', integer=True, minimum=0)
@@ -358,33 +443,37 @@ class AbstractBatchSampler(Sampler):
             self.epoch, self._next_batch = epoch, 0
 
     def __len__(self):
-        "Batches in the current epoch (after a resume at `next_batch`, `__iter__` yields the last ``len - next_batch``)."
-        return len(self.epoch_plan(self.epoch))
+        "This rank's batches in the current epoch (after a resume at `next_batch`, `__iter__` yields the last ``len - next_batch``)."
+        return len(self.rank_plan(self.epoch))
 
     def __iter__(self):
-        plan = self.epoch_plan(self.epoch)
+        plan = self.rank_plan(self.epoch)
         while self._next_batch < len(plan):
             self._next_batch += 1
             yield plan[self._next_batch - 1]
         self._next_batch = 0
 
     def state_dict(self, next_batch=None):
-        """Where the sampler is: ``{'seed', 'epoch', 'next_batch', 'nb_batches'}``.
+        """Where the sampler is: ``{'seed', 'epoch', 'next_batch', 'nb_batches', 'world_size'}``.
 
-        `next_batch` defaults to the sampler's own position (batches handed out so far); pass
-        ``last_trained_batch.batch_index + 1`` when a DataLoader prefetches ahead.
+        `next_batch` defaults to the sampler's own position (batches of this rank handed out so
+        far); pass ``last_trained_batch.step + 1`` when a DataLoader prefetches ahead.
         """
         return {'seed': self.seed, 'epoch': self.epoch,
                 'next_batch': self._next_batch if next_batch is None else int(next_batch),
-                'nb_batches': len(self.epoch_plan(self.epoch))}
+                'nb_batches': len(self.rank_plan(self.epoch)), 'world_size': self.world_size}
 
     def load_state_dict(self, state):
         "Continue at batch ``state['next_batch']`` of epoch ``state['epoch']``; the seed must match."
         if int(state['seed']) != self.seed:
             raise ConfigError(f"the saved sampler state has seed {state['seed']} but this sampler has seed "
                               f'{self.seed}: its batches would differ')
+        if int(state.get('world_size', 1)) != self.world_size:
+            raise ConfigError(f"the saved sampler state was made by {state.get('world_size', 1)} processes, this "
+                              f'sampler runs in {self.world_size}: its positions would name other batches '
+                              '(resume with the same number of processes, or from the start of an epoch)')
         self.epoch, self._next_batch = int(state['epoch']), int(state['next_batch'])
-        nb_batches = len(self.epoch_plan(self.epoch))
+        nb_batches = len(self.rank_plan(self.epoch))
         if 'nb_batches' in state and int(state['nb_batches']) != nb_batches:
             raise ConfigError(f"the saved sampler state had {state['nb_batches']} batches in epoch {self.epoch}, "
                               f'this sampler plans {nb_batches}: the data or the batch settings changed')
@@ -394,7 +483,7 @@ class AbstractBatchSampler(Sampler):
 
     def __getstate__(self):
         # Workers get a pickled copy: the plan is the main process's business.
-        return {**self.__dict__, '_plan_cache': None}
+        return {**self.__dict__, '_plan_cache': None, '_shard_cache': None}
 
     _PARAMS = ('streamline_group', 'batch_size', 'batch_size_units', 'nb_subjects_per_batch', 'cycles',
                'subject_weights', 'max_batches_per_epoch', 'seed', 'step_size', 'nb_points', 'compress',
@@ -421,6 +510,7 @@ class AbstractBatchSampler(Sampler):
         """
         parts = list(parts)
         epoch, batch_index = (parts[0].epoch, parts[0].batch_index) if parts else (self.epoch, -1)
+        step = parts[0].step if parts else None
         rng = np.random.default_rng([self.seed, epoch, batch_index])
         packs, subject_ids, streamline_ids, inputs = [], [], [], []
         for subject, ids in parts:
@@ -432,7 +522,7 @@ class AbstractBatchSampler(Sampler):
         streamlines = PackedStreamlines.concatenate(packs)
         streamlines.data = np.ascontiguousarray(streamlines.data, dtype=np.float32)
         return StreamlineBatch(streamlines, _cat(subject_ids), _cat(streamline_ids),
-                               _cat_inputs(inputs), epoch, batch_index)
+                               _cat_inputs(inputs), epoch, batch_index, step)
 
     def _load_streamlines(self, subject, ids, rng):
         "One subject's part: one read, then resampling and augmentation, all vectorized."
@@ -490,6 +580,12 @@ class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
     neighborhood_units : {'vox', 'mm'}
     device : str or torch.device
         Where the interpolation runs (default CPU, as inside DataLoader workers).
+    inputs_in_workers : bool
+        True (default): `load_batch` interpolates wherever it runs, so every batch a DataLoader
+        yields is complete. False: inside a DataLoader worker `load_batch` leaves ``inputs`` None
+        and `add_inputs` interpolates in the main process (`DWIMLAbstractTrainer` calls it on every
+        batch). Workers then send only the points through shared memory, a few hundred KB instead of
+        N × F·K floats, and the interpolation can run on the GPU (``device='cuda'``).
     **kwargs
         The other arguments of `AbstractBatchSampler`.
 
@@ -499,8 +595,10 @@ class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
     in columns ``k*F:(k+1)*F``, neighbour 0 being the point itself.
     """
     def __init__(self, subset, streamline_group, input_group, *, neighborhood_type=None, neighborhood_radius=0,
-                 neighborhood_resolution=1.0, neighborhood_units='vox', device='cpu', **kwargs):
+                 neighborhood_resolution=1.0, neighborhood_units='vox', device='cpu', inputs_in_workers=True,
+                 **kwargs):
         super().__init__(subset, streamline_group, **kwargs)
+        self.inputs_in_workers = bool(inputs_in_workers)
         self.input_group = _check_group(subset, input_group, 'volume')
         if neighborhood_type not in NEIGHBORHOOD_TYPES:
             raise ConfigError(f'neighborhood_type must be one of {NEIGHBORHOOD_TYPES}, got {neighborhood_type!r}')
@@ -538,7 +636,7 @@ class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
         return offsets
 
     _PARAMS = AbstractBatchSampler._PARAMS + ('input_group', 'neighborhood_type', 'neighborhood_radius',
-                                              'neighborhood_resolution', 'neighborhood_units')
+                                              'neighborhood_resolution', 'neighborhood_units', 'inputs_in_workers')
 
     def get_params(self):
         return {**super().get_params(), 'device': str(self.device)}
@@ -565,9 +663,28 @@ class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
         return self.source_data.nb_features[self.input_group] * len(self._offsets[0]) if self._offsets else 0
 
     def _load_inputs(self, subject, streams):
+        if not self.inputs_in_workers and torch.utils.data.get_worker_info() is not None:
+            return None   # left to add_inputs, in the main process
+        return self._interpolate(subject, streams.data)
+
+    def _interpolate(self, subject, points):
         volume = self._volume(subject)
-        coords = torch.from_numpy(np.ascontiguousarray(streams.data, dtype=np.float32)
-                                  ).to(self.device)
+        coords = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(self.device)
         if self.neighborhood_type is None:
             return trilinear_interpolation(volume, coords)
         return interpolate_with_neighborhood(volume, coords, self._offsets[subject])
+
+    def add_inputs(self, batch):
+        """The batch with its ``inputs``, interpolated here if a worker left them out (else `batch` itself).
+
+        Streamlines of one subject follow each other in a batch (one part per subject), so each
+        run of equal ``subject_ids`` is interpolated at once in its subject's volume.
+        """
+        if batch.inputs is not None:
+            return batch
+        point_ends = np.concatenate([[0], np.cumsum(batch.streamlines.lengths)])
+        runs = np.flatnonzero(np.diff(batch.subject_ids)) + 1
+        first, last = np.concatenate([[0], runs]), np.concatenate([runs, [len(batch)]])
+        inputs = [self._interpolate(int(batch.subject_ids[a]), batch.streamlines.data[point_ends[a]:point_ends[b]])
+                  for a, b in zip(first, last)]
+        return replace(batch, inputs=_cat_inputs(inputs))

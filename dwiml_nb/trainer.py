@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import contextvars
 import csv
+import errno
 import importlib
 import inspect
 import json
@@ -26,15 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 import dwiml_nb
-from .core import CheckpointError, ConfigError, DwimlError, atomic_write, run_cli, setup_logging
+from .core import (CheckpointError, ConfigError, DiskFullError, DwimlError, atomic_write, run_cli,
+                           setup_logging)
+from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'BATCH_COLUMNS', 'EPOCH_COLUMNS', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'OPTIMIZERS', 'CHECKPOINT_FORMAT',
-           'NonFiniteLossError', 'experiment_paths', 'CsvLog', 'get_rng_states', 'set_rng_states', 'seed_everything',
-           'class_path', 'import_class', 'load_checkpoint', 'check_model_state', 'sampler_spec', 'DWIMLAbstractTrainer',
-           'resume_experiment', 'resume_main']
+           'NonFiniteLossError', 'experiment_paths', 'CsvLog', 'NullLog', 'get_rng_states', 'set_rng_states',
+           'seed_everything', 'class_path', 'import_class', 'load_checkpoint', 'check_model_state', 'sampler_spec',
+           'DWIMLAbstractTrainer', 'resume_experiment', 'resume_main']
 
 # %% ../nbs/07_trainer.ipynb
 BATCH_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'weight', 'nb_streamlines', 'grad_norm',
@@ -83,8 +86,14 @@ class CsvLog:
             self._write(self.columns)
 
     def _write(self, values):
-        csv.writer(self._file, lineterminator='\n').writerow(values)
-        self._file.flush()
+        try:
+            csv.writer(self._file, lineterminator='\n').writerow(values)
+            self._file.flush()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise DiskFullError(f'cannot be written: {os.strerror(e.errno).lower()}; the last checkpoint is '
+                                    'intact: free some space, then resume', file=self.path) from e
+            raise
 
     def append(self, record):
         "Write one row from a dict (missing columns are left empty)."
@@ -94,7 +103,11 @@ class CsvLog:
         "Bytes written so far (a checkpoint stores it)."
         return self._file.tell()
 
-    def close(self): self._file.close()
+    def close(self):
+        # After a failed write the buffer still holds the row: closing flushes it and fails again.
+        # A resume cuts the log back to the checkpoint's size, so a lost partial row does no harm.
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     @staticmethod
     def truncate(path, size, *, checkpoint=None):
@@ -107,6 +120,13 @@ class CsvLog:
         if actual > size:
             with open(path, 'r+b') as f:
                 f.truncate(size)
+
+
+class NullLog:
+    "What ranks other than 0 write instead of a `CsvLog`: nothing."
+    def append(self, record): pass
+    def size(self): return 0
+    def close(self): pass
 
 
 def _csv_value(v):
@@ -147,9 +167,13 @@ def class_path(obj_or_cls):
     return f'{cls.__module__}:{cls.__qualname__}'
 
 
-def import_class(path, what='class', file=None):
-    "Import `module:qualname`; a `CheckpointError` that says what failed otherwise."
-    module_name, _, qualname = path.partition(':')
+def import_class(path, what='class', file=None, base=None):
+    """Import `module:qualname`; a `CheckpointError` that says what failed otherwise.
+
+    With `base`, the object must be a class derived from it: the strings of a checkpoint must not
+    name any other callable (``subprocess:Popen``...) that we would then call with its parameters.
+    """
+    module_name, _, qualname = str(path).partition(':')
     try:
         obj = importlib.import_module(module_name)
         for part in qualname.split('.'):
@@ -158,6 +182,9 @@ def import_class(path, what='class', file=None):
         raise CheckpointError(f"cannot import the {what} '{path}' ({type(e).__name__}: {e}); it must be "
                               'importable (defined in a module on the Python path, not in a notebook or '
                               '__main__)', file=file) from None
+    if base is not None and not (inspect.isclass(obj) and issubclass(obj, base)):
+        raise CheckpointError(f"the {what} '{path}' is not a subclass of {base.__module__}.{base.__qualname__}: "
+                              'refusing to call it', file=file)
     return obj
 
 # %% ../nbs/07_trainer.ipynb
@@ -255,6 +282,12 @@ def _seed_worker(seed, epoch, worker_id):
 def _derived_seed(*entropy):
     return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
+
+def _step(batch):
+    "Position of a batch in the plan this process runs (``batch_index`` for samplers without ``step``)."
+    step = getattr(batch, 'step', None)
+    return int(batch.batch_index if step is None else step)
+
 # %% ../nbs/07_trainer.ipynb
 _RESUMING = contextvars.ContextVar('dwiml_trainer_resuming', default=False)
 
@@ -296,7 +329,16 @@ class DWIMLAbstractTrainer:
     overwrite : bool
         Replace an existing experiment folder's results instead of refusing.
     progress : bool
-        Show tqdm progress bars.
+        Show tqdm progress bars (rank 0 only).
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The model, wrapped in `DistributedDataParallel` when several processes train it.
+    unwrapped_model : torch.nn.Module
+        The model as given (what ``model_state.pt`` files hold the state of).
+    distributed : dwiml_nb.distributed.DistributedContext
+        rank, world_size, local_rank, backend of this process.
     """
     def __init__(self, model, experiments_path, experiment_name, batch_sampler_training,
                  batch_sampler_validation=None, *, optimizer='Adam', learning_rate=1e-3, weight_decay=0.0,
@@ -313,7 +355,12 @@ class DWIMLAbstractTrainer:
                             ('patience', patience), ('checkpoint_every_n_batches', checkpoint_every_n_batches),
                             ('clip_grad', clip_grad)):
             if value is not None and not value > 0: raise ConfigError(f'{name} must be positive or None, got {value}')
-        self.model = model.to(device)
+        self.distributed = init_distributed()
+        device = torch.device(device)
+        if self.distributed.is_distributed and device.type == 'cuda':
+            device = torch.device('cuda', self.distributed.local_rank)   # one GPU per process
+        self.unwrapped_model = model.to(device)
+        self.model = self.unwrapped_model
         self.experiments_path, self.experiment_name = Path(experiments_path), str(experiment_name)
         self.paths = experiment_paths(experiments_path, experiment_name)
         self.batch_sampler_training, self.batch_sampler_validation = batch_sampler_training, batch_sampler_validation
@@ -326,7 +373,7 @@ class DWIMLAbstractTrainer:
         self.num_workers, self.device, self.seed = int(num_workers), torch.device(device), int(seed)
         self.checkpoint_every_n_batches = checkpoint_every_n_batches
         self.callbacks, self.progress = list(callbacks), progress
-        self.optimizer = OPTIMIZERS[optimizer](self.model.parameters(), lr=self.learning_rate,
+        self.optimizer = OPTIMIZERS[optimizer](self.unwrapped_model.parameters(), lr=self.learning_rate,
                                                weight_decay=self.weight_decay)
         self.lr_scheduler = self._make_scheduler()
         # Where training stands: the next epoch to run and the training batches of it already done.
@@ -335,9 +382,15 @@ class DWIMLAbstractTrainer:
         self.history = []          # one record per finished epoch
         self._accumulators = self._new_accumulators()
         self._log_sizes = {'batches_csv': 0, 'epochs_csv': 0}
+        self._check_samplers_are_sharded()
         self.resumed_from_checkpoint = _RESUMING.get()
         if not self.resumed_from_checkpoint:
             self._prepare_experiment_folder(overwrite)
+        if self.distributed.is_distributed:
+            # Broadcasts rank 0's weights: every rank starts from the same model.
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.unwrapped_model, device_ids=[device.index] if device.type == 'cuda' else None,
+                find_unused_parameters=False)
 
     def compute_batch_loss(self, data, is_training):
         "The loss of one batch: a scalar tensor, or `(loss, n)` with n the batch's weight. Child classes implement it."
@@ -362,16 +415,40 @@ class DWIMLAbstractTrainer:
             raise ConfigError(f"lr_scheduler name '{name}' is not a class of torch.optim.lr_scheduler")
         return cls(self.optimizer, **spec)
 
+    @property
+    def is_main_process(self):
+        "True on rank 0 (the only process that writes files), and in a single process."
+        return self.distributed.is_main_process
+
+    def _check_samplers_are_sharded(self):
+        "Under torch.distributed, each sampler must run this rank's share of the plan."
+        rank, world_size = self.distributed.rank, self.distributed.world_size
+        for role, sampler in (('training', self.batch_sampler_training), ('validation', self.batch_sampler_validation)):
+            if sampler is None: continue
+            theirs = (getattr(sampler, 'rank', 0), getattr(sampler, 'world_size', 1))
+            if theirs != (rank, world_size):
+                raise ConfigError(f'the {role} sampler ({class_path(sampler)}) runs the share of rank {theirs[0]} of '
+                                  f'{theirs[1]} processes, but this process is rank {rank} of {world_size}: build the '
+                                  'samplers with rank/world_size left to their defaults (a sampler without '
+                                  'rank/world_size cannot be shared between processes)')
+
     def _prepare_experiment_folder(self, overwrite):
         root = self.paths['root']
         produced = [root / n for n in ('checkpoint', 'best_model', 'last_model', 'logs')]
-        if any(p.exists() for p in produced):
+        refused = None
+        if self.is_main_process and any(p.exists() for p in produced):
             if not overwrite:
-                raise ConfigError('the experiment folder already exists: pass overwrite=True to start again, or '
-                                  'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
-                                  'dwiml_resume_training_from_checkpoint)', file=root)
-            for p in produced: shutil.rmtree(p, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+                refused = str(root)
+            else:
+                for p in produced: shutil.rmtree(p, ignore_errors=True)
+        # Rank 0 decides for all: every rank refuses together, none waits forever at a barrier.
+        refused = broadcast_object(refused)
+        if refused is not None:
+            raise ConfigError('the experiment folder already exists: pass overwrite=True to start again, or '
+                              'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
+                              'dwiml_resume_training_from_checkpoint)', file=refused)
+        if self.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
 
 
     @staticmethod
@@ -388,13 +465,16 @@ class DWIMLAbstractTrainer:
         list of dict
             One record per finished epoch (the rows of logs/epochs.csv).
         """
-        if self.resumed_from_checkpoint:
-            for key in ('batches_csv', 'epochs_csv'):
-                CsvLog.truncate(self.paths[key], self._log_sizes[key], checkpoint=self.paths['checkpoint'])
-        self._batch_log = CsvLog(self.paths['batches_csv'], BATCH_COLUMNS)
-        self._epoch_log = CsvLog(self.paths['epochs_csv'], EPOCH_COLUMNS)
+        if self.is_main_process:
+            if self.resumed_from_checkpoint:
+                for key in ('batches_csv', 'epochs_csv'):
+                    CsvLog.truncate(self.paths[key], self._log_sizes[key], checkpoint=self.paths['checkpoint'])
+            self._batch_log = CsvLog(self.paths['batches_csv'], BATCH_COLUMNS)
+            self._epoch_log = CsvLog(self.paths['epochs_csv'], EPOCH_COLUMNS)
+        else:
+            self._batch_log, self._epoch_log = NullLog(), NullLog()
         epochs_bar = tqdm(total=self.max_epochs, initial=min(self.epoch, self.max_epochs), desc='epochs',
-                          disable=not self.progress)
+                          disable=not self._show_progress)
         try:
             self._call('on_train_begin')
             while self.epoch < self.max_epochs and not self._patience_exhausted():
@@ -402,7 +482,7 @@ class DWIMLAbstractTrainer:
                 valid_loss = self._validate_one_epoch()
                 self._end_epoch(valid_loss)
                 epochs_bar.update()
-            if self._patience_exhausted():
+            if self._patience_exhausted() and self.is_main_process:
                 logger.info('early stopping: no improvement of more than %g for %d epochs (best epoch %d, loss %g)',
                             self.patience_delta, self.patience_count, self.best_epoch, self.best_valid_loss)
             self._call('on_train_end')
@@ -414,8 +494,12 @@ class DWIMLAbstractTrainer:
     def _patience_exhausted(self):
         return self.patience is not None and self.patience_count >= self.patience
 
+    @property
+    def _show_progress(self): return self.progress and self.is_main_process
+
     def _call(self, event, *args):
         for callback in self.callbacks:
+            if not (self.is_main_process or getattr(callback, 'all_ranks', False)): continue
             method = getattr(callback, event, None)
             if method is not None: method(self, *args)
 
@@ -428,7 +512,7 @@ class DWIMLAbstractTrainer:
         sampler.set_epoch(epoch)
         state = {**sampler.state_dict(), **(saved_state or {}), 'epoch': epoch, 'next_batch': next_batch}
         sampler.load_state_dict(state)
-        n = len(sampler.epoch_plan(epoch))
+        n = len(sampler)
         limit = (self.max_batches_per_epoch_training if sampler is self.batch_sampler_training
                  else self.max_batches_per_epoch_validation)
         return n if limit is None else min(n, int(limit))
@@ -437,10 +521,14 @@ class DWIMLAbstractTrainer:
         # Our own generator: a DataLoader iterator draws its base seed from it, not from the
         # global torch RNG that the model's dropout uses.
         generator = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, phase == 'valid'))
-        return torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             sampler.source_data, batch_sampler=sampler, collate_fn=sampler.load_batch,
             num_workers=self.num_workers, persistent_workers=False, generator=generator,
             worker_init_fn=partial(_seed_worker, self.seed, epoch) if self.num_workers else None)
+        # A sampler may leave part of a batch to the main process (inputs_in_workers=False: the
+        # interpolation runs here, possibly on the GPU, instead of in the workers).
+        complete = getattr(sampler, 'add_inputs', None)
+        return loader if complete is None else map(complete, loader)
 
     def _loss_and_weight(self, result, data):
         loss, weight = result if isinstance(result, tuple) else (result, len(data))
@@ -457,22 +545,23 @@ class DWIMLAbstractTrainer:
         sampler, epoch = self.batch_sampler_training, self.epoch
         if self.batches_done == 0:
             n_batches = self._start_sampler_epoch(sampler, epoch)
-            seed_everything(self.seed, epoch)
+            seed_everything(self.seed, epoch, *self._rank_entropy())
             self._accumulators = self._new_accumulators()
         else:   # resuming in the middle of the epoch; RNG states came from the checkpoint
             n_batches = self._start_sampler_epoch(sampler, epoch, self.batches_done, self._resume_sampler_state)
         self.model.train()
         bar = tqdm(total=n_batches, initial=self.batches_done, desc=f'epoch {epoch} training', leave=False,
-                   disable=not self.progress)
+                   disable=not self._show_progress)
         try:
             if self.batches_done >= n_batches: return
             last = time.perf_counter()
             for data in self._make_loader(sampler, epoch, 'train'):
-                if data.batch_index != self.batches_done:
-                    raise RuntimeError(f'the training sampler gave batch {data.batch_index} of epoch {epoch} where '
+                step = _step(data)
+                if step != self.batches_done:
+                    raise RuntimeError(f'the training sampler gave batch {step} of epoch {epoch} where '
                                        f'batch {self.batches_done} was expected (sampler contract broken)')
                 record = self._train_batch(data)
-                self.batches_done = int(data.batch_index) + 1
+                self.batches_done = step + 1
                 now = time.perf_counter()
                 record.update(time_s=now - last, streamlines_per_s=record['nb_streamlines'] / max(now - last, 1e-12))
                 last = now
@@ -491,25 +580,39 @@ class DWIMLAbstractTrainer:
         data = data.to(self.device) if hasattr(data, 'to') else data
         self.optimizer.zero_grad(set_to_none=True)
         loss, weight = self._loss_and_weight(self.compute_batch_loss(data, True), data)
-        value = float(loss.detach())
-        self._check_finite(value, 'training', data.batch_index)
+        value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss.detach()), weight, len(data))
+        self._check_finite(value, 'training', _step(data))
         loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.unwrapped_model.parameters() if p.grad is not None]
         if self.clip_grad:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], self.clip_grad))
+                [p for p in self.unwrapped_model.parameters() if p.grad is not None], self.clip_grad))
             grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
         else:
             grad_norm = grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
         learning_rate = float(self.optimizer.param_groups[0]['lr'])
         self.optimizer.step()
         acc = self._accumulators
-        acc['loss_sum'] += value * weight; acc['weight_sum'] += weight
+        acc['loss_sum'] += weighted; acc['weight_sum'] += weight
         acc['grad_norm_sum'] += grad_norm; acc['grad_norm_clipped_sum'] += grad_norm_clipped
-        acc['nb_batches'] += 1; acc['nb_streamlines'] += len(data)
-        return {'epoch': self.epoch, 'batch': int(data.batch_index), 'phase': 'train', 'loss': value,
-                'weight': weight, 'nb_streamlines': len(data), 'grad_norm': grad_norm,
+        acc['nb_batches'] += 1; acc['nb_streamlines'] += nb_streamlines
+        return {'epoch': self.epoch, 'batch': _step(data), 'phase': 'train', 'loss': value,
+                'weight': weight, 'nb_streamlines': nb_streamlines, 'grad_norm': grad_norm,
                 'grad_norm_clipped': grad_norm_clipped, 'learning_rate': learning_rate}
+
+    def _reduce_loss(self, value, weight, nb_streamlines):
+        """(mean loss, loss × weight, weight, nb_streamlines) of one step over all ranks.
+
+        In a single process: the batch's own numbers, untouched (bitwise as before).
+        """
+        if not self.distributed.is_distributed:
+            return value, value * weight, weight, nb_streamlines
+        weighted, weight, nb_streamlines = all_reduce_sum([value * weight, weight, nb_streamlines])
+        return weighted / weight if weight else math.nan, weighted, weight, int(nb_streamlines)
+
+    def _rank_entropy(self):
+        "Extra seed entropy of this rank: none in a single process (runs stay bitwise as before)."
+        return (self.distributed.rank,) if self.distributed.is_distributed else ()
 
     def _validate_one_epoch(self):
         "Mean validation loss of this epoch (no backprop, model in eval mode); None without a validation sampler."
@@ -518,7 +621,7 @@ class DWIMLAbstractTrainer:
         n_batches = self._start_sampler_epoch(sampler, epoch)
         loss_sum = weight_sum = 0.0
         self.model.eval()
-        bar = tqdm(total=n_batches, desc=f'epoch {epoch} validation', leave=False, disable=not self.progress)
+        bar = tqdm(total=n_batches, desc=f'epoch {epoch} validation', leave=False, disable=not self._show_progress)
         try:
             with torch.no_grad():
                 last = time.perf_counter()
@@ -526,13 +629,14 @@ class DWIMLAbstractTrainer:
                     if i >= n_batches: break
                     data = data.to(self.device) if hasattr(data, 'to') else data
                     loss, weight = self._loss_and_weight(self.compute_batch_loss(data, False), data)
-                    value = float(loss)
-                    self._check_finite(value, 'validation', data.batch_index)
-                    loss_sum += value * weight; weight_sum += weight
+                    value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss), weight, len(data))
+                    self._check_finite(value, 'validation', _step(data))
+                    loss_sum += weighted; weight_sum += weight
                     now = time.perf_counter()
-                    self._batch_log.append({'epoch': epoch, 'batch': int(data.batch_index), 'phase': 'valid',
-                                            'loss': value, 'weight': weight, 'nb_streamlines': len(data),
-                                            'time_s': now - last, 'streamlines_per_s': len(data) / max(now - last, 1e-12)})
+                    self._batch_log.append({'epoch': epoch, 'batch': _step(data), 'phase': 'valid',
+                                            'loss': value, 'weight': weight, 'nb_streamlines': nb_streamlines,
+                                            'time_s': now - last,
+                                            'streamlines_per_s': nb_streamlines / max(now - last, 1e-12)})
                     last = now
                     bar.update()
         finally:
@@ -568,7 +672,7 @@ class DWIMLAbstractTrainer:
         self._epoch_log.append(record)
         self._save_epoch_arrays()
         self._save_model_state(self.paths['last_model'])
-        logger.info('epoch %d: train loss %.6g, valid loss %.6g, best %.6g (epoch %d), %.0f streamlines/s',
+        if self.is_main_process: logger.info('epoch %d: train loss %.6g, valid loss %.6g, best %.6g (epoch %d), %.0f streamlines/s',
                     epoch, train_loss, record['valid_loss'], self.best_valid_loss, self.best_epoch,
                     record['streamlines_per_s'])
         self.epoch, self.batches_done = epoch + 1, 0
@@ -577,10 +681,12 @@ class DWIMLAbstractTrainer:
         self._call('on_epoch_end', record)
 
     def _save_model_state(self, path):
+        if not self.is_main_process: return
         with atomic_write(path) as tmp:
-            torch.save(self.model.state_dict(), tmp)
+            torch.save(self.unwrapped_model.state_dict(), tmp)
 
     def _save_epoch_arrays(self):
+        if not self.is_main_process: return
         for name, key in EPOCH_ARRAYS.items():
             with atomic_write(self.paths['logs'] / f'{name}.npy', suffix='.npy') as tmp:
                 np.save(tmp, np.array([r[key] for r in self.history], dtype=np.float64))
@@ -592,22 +698,27 @@ class DWIMLAbstractTrainer:
         Keys: format, dwiml_nb_version, trainer_class, model_class, model_params, trainer_params,
         samplers (class/params/source of each), hdf5_file, sampler_states, model_state,
         optimizer_state, scheduler_state, rng_states, position (epoch, batches_done),
-        epoch_accumulators, best_valid_loss, best_epoch, patience_count, history, log_sizes.
+        epoch_accumulators, best_valid_loss, best_epoch, patience_count, history, log_sizes,
+        world_size, rng_states_per_rank. Under torch.distributed every rank must call it (it gathers
+        the RNG states of all ranks).
         """
         samplers = {'training': sampler_spec(self.batch_sampler_training),
                     'validation': sampler_spec(self.batch_sampler_validation)}
         state = dict(self.batch_sampler_training.state_dict())
         # The sampler's own counter runs ahead of the loop (prefetch): its position is what we consumed.
         state.update(epoch=self.epoch, next_batch=self.batches_done)
+        rng_states = get_rng_states()
+        model = self.unwrapped_model
         return {'format': CHECKPOINT_FORMAT, 'dwiml_nb_version': dwiml_nb.__version__,
-                'trainer_class': class_path(self), 'model_class': class_path(self.model),
-                'model_params': _json_safe(self.model.get_params()) if hasattr(self.model, 'get_params') else None,
+                'trainer_class': class_path(self), 'model_class': class_path(model),
+                'model_params': _json_safe(model.get_params()) if hasattr(model, 'get_params') else None,
                 'trainer_params': _json_safe(self.get_params()), 'samplers': samplers,
                 'hdf5_file': samplers['training']['source']['hdf5_file'],
                 'sampler_states': {'training': _json_safe(state)},
-                'model_state': self.model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
+                'model_state': model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
                 'scheduler_state': self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                'rng_states': get_rng_states(),
+                'rng_states': rng_states, 'world_size': self.distributed.world_size,
+                'rng_states_per_rank': all_gather_objects(rng_states),
                 'position': {'epoch': self.epoch, 'batches_done': self.batches_done},
                 'epoch_accumulators': dict(self._accumulators), 'best_valid_loss': self.best_valid_loss,
                 'best_epoch': self.best_epoch, 'patience_count': self.patience_count,
@@ -617,12 +728,16 @@ class DWIMLAbstractTrainer:
     def save_checkpoint(self):
         "Write checkpoint/checkpoint.pt and checkpoint/parameters.json atomically."
         ckpt = self.checkpoint_dict()
+        if not self.is_main_process:
+            barrier()   # rank 0 writes; nobody moves on before the checkpoint is complete
+            return
         summary = {k: ckpt[k] for k in ('dwiml_nb_version', 'trainer_class', 'model_class', 'model_params',
                                         'trainer_params', 'samplers', 'hdf5_file', 'position')}
         with atomic_write(self.paths['parameters']) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + '\n')
         with atomic_write(self.paths['checkpoint']) as tmp:
             torch.save(ckpt, tmp)
+        barrier()
         logger.debug('checkpoint at epoch %d, batch %d', self.epoch, self.batches_done)
 
     @classmethod
@@ -634,10 +749,15 @@ class DWIMLAbstractTrainer:
         `model` and the samplers must be built as for the original run (same classes and kwargs);
         `overrides` may change parameters that do not change results, e.g. ``num_workers``, ``device``.
 
+        Under torch.distributed every rank calls it (the checkpoint must be on a file system every
+        rank sees). A checkpoint from the end of an epoch resumes with any number of processes; one
+        from the middle of an epoch only with the number of processes that wrote it.
+
         Raises
         ------
         CheckpointError
-            Missing/corrupted/foreign checkpoint, another package version, or a model that does not fit.
+            Missing/corrupted/foreign checkpoint, another package version, a model that does not fit,
+            or a mid-epoch checkpoint written by another number of processes.
         """
         ckpt = load_checkpoint(experiments_path, experiment_name)
         path = experiment_paths(experiments_path, experiment_name)['checkpoint']
@@ -658,7 +778,13 @@ class DWIMLAbstractTrainer:
         return trainer
 
     def _restore(self, ckpt, path):
-        self.model.load_state_dict(ckpt['model_state'])
+        saved_world_size, world_size = int(ckpt.get('world_size', 1)), self.distributed.world_size
+        if saved_world_size != world_size and ckpt['position']['batches_done'] != 0:
+            raise CheckpointError(f"was written in the middle of epoch {ckpt['position']['epoch']} (batch "
+                                  f"{ckpt['position']['batches_done']}) by {saved_world_size} process(es); this run "
+                                  f'has {world_size}: resume it with {saved_world_size} process(es) (torchrun '
+                                  f'--nproc_per_node/--nnodes), or from an end-of-epoch checkpoint', file=path)
+        self.unwrapped_model.load_state_dict(ckpt['model_state'])
         try:
             self.optimizer.load_state_dict(ckpt['optimizer_state'])
             if (self.lr_scheduler is None) != (ckpt['scheduler_state'] is None):
@@ -672,8 +798,13 @@ class DWIMLAbstractTrainer:
         self.patience_count, self.history = ckpt['patience_count'], [dict(r) for r in ckpt['history']]
         self._log_sizes = dict(ckpt['log_sizes'])
         self._resume_sampler_state = dict(ckpt['sampler_states']['training'])
-        set_rng_states(ckpt['rng_states'])
-        logger.info('resuming %s at epoch %d, batch %d', self.paths['root'], self.epoch, self.batches_done)
+        per_rank = ckpt.get('rng_states_per_rank')
+        same_ranks = saved_world_size == world_size and per_rank is not None and len(per_rank) == world_size
+        set_rng_states(per_rank[self.distributed.rank] if same_ranks else ckpt['rng_states'])
+        if saved_world_size != world_size and self.is_main_process:
+            logger.warning('checkpoint written by %d process(es), resumed with %d: the next epochs are split '
+                           'differently between processes', saved_world_size, world_size)
+        if self.is_main_process: logger.info('resuming %s at epoch %d, batch %d', self.paths['root'], self.epoch, self.batches_done)
 
     @classmethod
     def rebuild_samplers(cls, samplers):
@@ -696,7 +827,8 @@ class DWIMLAbstractTrainer:
             if key not in datasets:
                 datasets[key] = MultiSubjectDataset(src['hdf5_file'], lazy=src['lazy']).load_data()
             subset = getattr(datasets[key], f"{src['set_name']}_set")
-            return import_class(spec['class'], f'{role} sampler class')(subset, **spec['params'])
+            return import_class(spec['class'], f'{role} sampler class',
+                                base=torch.utils.data.Sampler)(subset, **spec['params'])
         return build(samplers['training'], 'training'), build(samplers['validation'], 'validation')
 
 # %% ../nbs/07_trainer.ipynb
@@ -704,8 +836,8 @@ def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, ne
     "A trainer rebuilt from an experiment folder's checkpoint, ready for `train_and_validate()`."
     ckpt = load_checkpoint(experiments_path, experiment_name)
     path = experiment_paths(experiments_path, experiment_name)['checkpoint']
-    trainer_cls = import_class(ckpt['trainer_class'], 'trainer class', file=path)
-    model_cls = import_class(ckpt['model_class'], 'model class', file=path)
+    trainer_cls = import_class(ckpt['trainer_class'], 'trainer class', file=path, base=DWIMLAbstractTrainer)
+    model_cls = import_class(ckpt['model_class'], 'model class', file=path, base=torch.nn.Module)
     if ckpt['model_params'] is None:
         raise CheckpointError(f"the model {ckpt['model_class']} has no get_params(): it cannot be rebuilt from the "
                               'checkpoint; build it yourself and call DWIMLAbstractTrainer.init_from_checkpoint', file=path)

@@ -411,5 +411,5 @@ def test_benchmark_runs_and_reports_every_configuration(capsys):
     assert bench_loader.main(['--quick', '--json']) == 0
     result = json.loads(capsys.readouterr().out)
     configs = {(r['part'], r['mode'], r['neighborhood'], r['workers']) for r in result['rows']}
-    assert len(configs) == 10 and len(result['targets']) == 6
+    assert len(configs) == 12 and len(result['targets']) == 8
     assert all(r['points_per_s'] > 0 and r['baseline_points_per_s'] > 0 for r in result['rows'])

@@ -312,3 +312,18 @@ def test_bad_parameters_are_refused(tmp_path):
         make_toy_trainer(tmp_path, patience=0)
     with pytest.raises(NotImplementedError, match='compute_batch_loss'):
         make_toy_trainer(tmp_path, 'abstract', trainer_cls=DWIMLAbstractTrainer, max_epochs=1).train_and_validate()
+
+
+def test_inputs_left_to_the_main_process_give_the_same_training(tmp_path, hdf5_file):
+    "inputs_in_workers=False: workers send points only, the trainer interpolates (add_inputs); same weights."
+    from trainer_test_utils import NextStepModel, NextStepTrainer, make_real_samplers
+    weights = []
+    for inputs_in_workers in (True, False):
+        training, validation = make_real_samplers(hdf5_file, inputs_in_workers=inputs_in_workers)
+        torch.manual_seed(0)
+        trainer = NextStepTrainer(NextStepModel(nb_features=4), tmp_path, f'w{inputs_in_workers}', training,
+                                  validation, max_epochs=2, learning_rate=0.01, num_workers=1, progress=False)
+        trainer.train_and_validate()
+        weights.append(trainer.model.state_dict())
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key

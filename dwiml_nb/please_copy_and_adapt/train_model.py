@@ -17,6 +17,7 @@ from ..dataset import MultiSubjectDataset
 from ..interpolation import neighborhood_offsets
 from ..models import DirectionGetterModel, angular_error_degrees, compute_loss_on_batch, direction_targets
 from ..sampler import BatchStreamlinesSamplerOneInput
+from ..trackers import make_tracker
 from ..trainer import DWIMLAbstractTrainer, experiment_paths
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ def make_samplers(dataset, input_group, streamline_group, *, batch_size, seed=12
     (BatchStreamlinesSamplerOneInput, BatchStreamlinesSamplerOneInput or None)
         The validation sampler is None when the dataset has no validation subject.
     """
+    # inputs_in_workers=False: DataLoader workers send only the points and the trainer interpolates
+    # (measured faster with workers: a batch's inputs are tens of MB to pass through shared memory).
     common = dict(batch_size=batch_size, batch_size_units='nb_streamlines', seed=seed, step_size=step_size,
-                  neighborhood_type=neighborhood_type,
+                  neighborhood_type=neighborhood_type, inputs_in_workers=False,
                   neighborhood_radius=neighborhood_radius if neighborhood_type else 0)
     train = BatchStreamlinesSamplerOneInput(
         dataset.training_set, streamline_group, input_group, split_ratio=split_ratio, reverse_ratio=reverse_ratio,
@@ -123,12 +126,18 @@ def build_parser():
     g.add_argument('--seed', type=int, default=1234)
     g.add_argument('--overwrite', action='store_true', help='Replace an existing experiment folder.')
     g.add_argument('--no_progress', action='store_true')
+    g.add_argument('--tracker', choices=['none', 'tensorboard', 'comet'], default='none',
+                   help='Also send the curves to TensorBoard (<experiment>/tensorboard) or Comet (offline '
+                        'archive unless an API key is configured); the package must be installed.')
     p.add_argument('-v', '--verbose', action='store_true')
     return p
 
 
 def train_model(args):
-    """Train from parsed arguments; returns a dict of results (also written to results.json)."""
+    """Train from parsed arguments; returns a dict of results (also written to results.json).
+
+    Under torchrun, only rank 0 returns the results (the other ranks return None).
+    """
     device = _device(args.device)
     dataset = MultiSubjectDataset(args.hdf5_file, lazy=args.lazy, cache_size=args.cache_size).load_data(
         progress=not args.no_progress)
@@ -152,8 +161,10 @@ def train_model(args):
         max_batches_per_epoch_validation=args.max_batches_per_epoch_validation, patience=args.patience,
         clip_grad=args.clip_grad, num_workers=args.num_workers, device=device, seed=args.seed,
         checkpoint_every_n_batches=args.checkpoint_every_n_batches, overwrite=args.overwrite,
-        progress=not args.no_progress)
+        progress=not args.no_progress, callbacks=[] if args.tracker == 'none' else [make_tracker(args.tracker)])
     trainer.train_and_validate()
+    if not trainer.is_main_process:   # under torchrun, rank 0 alone evaluates and reports
+        return None
     paths = experiment_paths(args.experiments_path, args.experiment_name)
     model.load_state_dict(torch.load(paths['best_model'], weights_only=True))
     trained = evaluate_angular_error(model, eval_sampler, device)
@@ -169,6 +180,8 @@ def _train_model_cli(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     results = train_model(args)
+    if results is None:
+        return
     paths = experiment_paths(args.experiments_path, args.experiment_name)
     print(f"validation angular error: untrained {results['validation_angular_error_untrained_deg']:.1f} deg, "
           f"best model {results['validation_angular_error_best_model_deg']:.1f} deg")

@@ -1,0 +1,141 @@
+"""dwiml_visualize_logs and the live chart on real experiment folders written by the real trainer."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dwiml_nb.viz_training import ExperimentLogs, LiveTrainingChart, find_chromium, logs_figure
+from trainer_test_utils import ToyTrainer, make_toy_trainer
+
+CLI = [sys.executable, '-c', 'from dwiml_nb.viz_training import visualize_logs_main; visualize_logs_main()']
+
+
+@pytest.fixture(scope='module')
+def experiments(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp('exp')
+    for name, lr in (('adam_fast', 3e-2), ('adam_slow', 1e-3)):
+        make_toy_trainer(root, name, max_epochs=3, learning_rate=lr, clip_grad=0.5,
+                         lr_scheduler={'name': 'StepLR', 'step_size': 1, 'gamma': 0.5}).train_and_validate()
+    return root
+
+
+def _cli(*args, env=None):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_html_compares_both_experiments(experiments, tmp_path):
+    run = _cli(experiments / 'adam_fast', experiments / 'adam_slow', '--save', tmp_path / 'logs.html', '--smooth', 3)
+    assert run.returncode == 0, run.stderr
+    page = (tmp_path / 'logs.html').read_text()
+    for name in ('adam_fast', 'adam_slow'):
+        for kind in ('train loss (per batch)', 'validation loss (epoch)', 'gradient norm after clipping',
+                     'learning rate'):
+            assert f'{name}: {kind}' in page
+    assert 'src="https://cdn.plot.ly' not in page   # plotly.js inline: opens offline
+
+
+def test_png_is_a_picture_of_the_right_size(experiments, tmp_path):
+    if find_chromium() is None:
+        pytest.skip('Chromium is not installed (Debian: apt-get install chromium): PNG export unavailable')
+    run = _cli(experiments / 'adam_fast', experiments / 'adam_slow', '--save', tmp_path / 'logs.png',
+               '--save', tmp_path / 'logs.html', '--size', 1000, 700)
+    assert run.returncode == 0, run.stderr
+    image = np.asarray(Image.open(tmp_path / 'logs.png').convert('RGB')).astype(int)
+    assert image.shape == (700, 1000, 3)
+    # Both experiments' colours are drawn (plotly's first two trace colours), on a white page.
+    for colour in ([0x1f, 0x77, 0xb4], [0xd6, 0x27, 0x28]):
+        assert (np.abs(image - colour).sum(axis=-1) < 40).sum() > 300
+    assert (image == 255).all(axis=-1).mean() > 0.5
+    assert (tmp_path / 'logs.html').exists()
+
+
+def test_png_without_chromium_is_a_clear_error(experiments, tmp_path):
+    env = {**os.environ, 'PATH': str(Path(sys.executable).parent)}
+    run = _cli(experiments / 'adam_fast', '--save', tmp_path / 'logs.png', env=env)
+    assert run.returncode == 2
+    assert 'needs Chromium' in run.stderr and 'Traceback' not in run.stderr
+    assert not (tmp_path / 'logs.png').exists()
+
+
+def test_learning_rate_schedule_and_curves_match_the_logs(experiments):
+    fig = logs_figure([experiments / 'adam_fast'], smooth=1)
+    by_name = {t.name: t for t in fig.data}
+    batches = pd.read_csv(experiments / 'adam_fast' / 'logs' / 'batches.csv').query("phase == 'train'")
+    np.testing.assert_allclose(by_name['adam_fast: learning rate'].y, batches.learning_rate)
+    np.testing.assert_allclose(by_name['adam_fast: train loss (mean of 1 batches)'].y, batches.loss)
+    assert sorted(set(np.round(by_name['adam_fast: learning rate'].y, 12))) == [0.0075, 0.015, 0.03]
+
+
+@pytest.mark.parametrize('case, message', [
+    ('no_folder', 'no such experiment folder'),
+    ('no_logs', 'no such log file'),
+    ('header_only', 'no training batch logged yet'),
+    ('not_a_log', 'is not a dwiml_nb trainer log'),
+])
+def test_bad_experiment_folders_are_one_line_errors(experiments, tmp_path, case, message):
+    folder = tmp_path / case
+    if case != 'no_folder':
+        (folder / 'logs').mkdir(parents=True)
+    if case == 'header_only':
+        header = (experiments / 'adam_fast' / 'logs' / 'batches.csv').read_text().splitlines()[0]
+        (folder / 'logs' / 'batches.csv').write_text(header + '\n')
+    if case == 'not_a_log':
+        (folder / 'logs' / 'batches.csv').write_text('a,b\n1,2\n')
+    run = _cli(experiments / 'adam_fast', folder, '--save', tmp_path / 'out.html')
+    assert run.returncode == 2
+    assert message in run.stderr and case in run.stderr and 'Traceback' not in run.stderr
+    assert not (tmp_path / 'out.html').exists()
+
+
+def test_a_run_killed_mid_line_still_plots(experiments, tmp_path):
+    folder = tmp_path / 'killed'
+    (folder / 'logs').mkdir(parents=True)
+    full = (experiments / 'adam_fast' / 'logs' / 'batches.csv').read_text()
+    cut = full[:full.rfind('\n', 0, len(full) - 1) + 25]   # the last row half written
+    (folder / 'logs' / 'batches.csv').write_text(cut)
+    run = _cli(folder, '--save', tmp_path / 'out.html')
+    assert run.returncode == 0, run.stderr
+    assert 'last line is incomplete' in run.stderr
+    logs = ExperimentLogs.read(folder)
+    complete_rows = cut.count('\n') - 1
+    assert len(logs.train) == len(pd.read_csv(experiments / 'adam_fast' / 'logs' / 'batches.csv')
+                                  .head(complete_rows).query("phase == 'train'"))
+    assert len(logs.epochs) == 0   # no epochs.csv yet: the loss panel shows batches only
+
+
+def test_live_chart_outside_jupyter_costs_nothing_and_follows_a_resume(tmp_path):
+    torch.set_num_threads(1)
+    chart = LiveTrainingChart()
+    make_toy_trainer(tmp_path, 'run', max_epochs=1).train_and_validate()
+    resumed = LiveTrainingChart(smooth=2, display=True)
+    first = make_toy_trainer(tmp_path, 'other', max_epochs=1)
+    first.train_and_validate()
+    trainer = ToyTrainer.init_from_checkpoint(type(first.model)(), tmp_path, 'other', first.batch_sampler_training,
+                                              first.batch_sampler_validation, new_max_epochs=2, progress=False,
+                                              callbacks=[chart, resumed])
+    trainer.train_and_validate()
+    assert chart.figure is None and chart.trace_lengths() == {}
+    # The resumed chart starts from the logs of epoch 0 and adds epoch 1.
+    lengths = resumed.trace_lengths()
+    train_rows = pd.read_csv(tmp_path / 'other' / 'logs' / 'batches.csv').query("phase == 'train'")
+    assert lengths['train loss (per batch)'] == len(train_rows) == 10
+    assert lengths['validation loss (epoch)'] == 2
+
+
+def test_importing_and_the_no_display_callback_do_not_import_plotly(tmp_path):
+    code = ('import sys, torch; sys.path.insert(0, %r); torch.set_num_threads(1)\n'
+            'from trainer_test_utils import make_toy_trainer\n'
+            'from dwiml_nb.viz_training import LiveTrainingChart\n'
+            'chart = LiveTrainingChart()\n'
+            'make_toy_trainer(%r, "x", max_epochs=1, callbacks=[chart]).train_and_validate()\n'
+            'print(len(chart.logs().train), "plotly" in sys.modules)') % (str(Path(__file__).parent), str(tmp_path))
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ['5', 'False']
