@@ -71,6 +71,12 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# Mesa's Vulkan driver (FURY's headless rendering) wants a runtime dir; a bare container has none.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  export XDG_RUNTIME_DIR=/tmp/runtime-$(id -u)
+  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+fi
+
 # nbdev 2.3 imports the deprecated pkg_resources: silence that one warning, keep the rest.
 export PYTHONWARNINGS="ignore:pkg_resources is deprecated:UserWarning"
 
