@@ -120,7 +120,7 @@ demo() {
   "$VENV/bin/dwiml_make_demo_dataset" "$out" --overwrite --quiet
   "$VENV/bin/dwiml_describe_hdf5" "$out/phantom.hdf5"
   mkdir -p "$runs"
-  log "training the example model (nbs/train_model.ipynb with papermill; a few minutes on 2 cores)"
+  log "training the example model (nbs/train_model.ipynb with papermill; under a minute on 2 cores)"
   "$VENV/bin/papermill" nbs/train_model.ipynb "$runs/train_model.ipynb" -k python3 --log-level WARNING \
     -p hdf5_file "$out/phantom.hdf5" -p experiments_path "$runs/experiments" \
     -p experiment_name demo -p overwrite True "$@"
