@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_COLORS', 'STAGES', 'COLOR_MODES', 'SLICE_AXES',
-           'hsv_to_rgb', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject', 'colors_by_direction',
-           'colormap', 'feature_range', 'colors_by_feature', 'augmentation_labels', 'sampler_variant', 'batch_parts',
-           'BatchView', 'make_batch_view', 'RenderingUnavailable', 'check_rendering', 'view_direction', 'render_view',
-           'png_bytes', 'save_png', 'render_batch_png', 'BatchInspector', 'visualize_batch_main']
+           'LIVE_CHOICES', 'hsv_to_rgb', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
+           'colors_by_direction', 'colormap', 'feature_range', 'colors_by_feature', 'augmentation_labels',
+           'sampler_variant', 'batch_parts', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'check_rendering',
+           'view_direction', 'render_view', 'png_bytes', 'save_png', 'render_batch_png', 'in_jupyter_kernel',
+           'live_canvas_problem', 'LiveCanvas', 'BatchInspector', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
 def hsv_to_rgb(hsv):
@@ -456,6 +457,34 @@ def _bounding_sphere(view):
     return (*((low + high) / 2).tolist(), max(float(np.linalg.norm(high - low)) / 2, 1.0))
 
 
+def _view_actors(actor, view, thickness):
+    "The FURY actors that draw `view`: grey underlay, coloured streamlines, slice."
+    actors = []
+    if view.underlay is not None and len(view.underlay):
+        grey = np.full((view.underlay.nb_points, 3), 0.85, np.float32)
+        actors.append(_line_actor(actor, view.underlay, grey, thickness * 0.5))
+    if len(view.streamlines):
+        actors.append(_line_actor(actor, view.streamlines, np.asarray(view.colors, np.float32), thickness))
+    if view.slice_image is not None:
+        actors.append(_slice_actor(actor, view))
+    return actors
+
+
+def _draw_framed(manager, view, azimuth, elevation, zoom):
+    "Draw, frame the streamlines from (`azimuth`, `elevation`), draw again."
+    # The first draw delivers the canvas' resize event, on which FURY re-fits the camera to
+    # the whole scene: frame the streamlines after it, then draw again.
+    _draw_now(manager)
+    manager.screens[0].camera.show_object(_bounding_sphere(view), view_dir=view_direction(azimuth, elevation),
+                                          up=(0, 0, 1), scale=1.0 / max(float(zoom), 1e-3))
+    _draw_now(manager)
+
+
+def _draw_now(manager):
+    manager.render()
+    manager.window.force_draw()
+
+
 def render_view(view, *, size=(600, 600), azimuth=-60.0, elevation=25.0, zoom=1.0, background=(1.0, 1.0, 1.0),
                 thickness=2.0):
     """Draw `view` offscreen; return the picture as an RGBA uint8 array (height, width, 4).
@@ -471,24 +500,13 @@ def render_view(view, *, size=(600, 600), azimuth=-60.0, elevation=25.0, zoom=1.
     actor, window = _import_fury()
     try:
         scene = window.Scene(background=(*background, 1.0))
-        if view.underlay is not None and len(view.underlay):
-            grey = np.full((view.underlay.nb_points, 3), 0.85, np.float32)
-            scene.add(_line_actor(actor, view.underlay, grey, thickness * 0.5))
-        if len(view.streamlines):
-            scene.add(_line_actor(actor, view.streamlines, np.asarray(view.colors, np.float32), thickness))
-        if view.slice_image is not None:
-            scene.add(_slice_actor(actor, view))
+        actors = _view_actors(actor, view, thickness)
+        if actors:
+            scene.add(*actors)
         manager = window.ShowManager(scene=scene, size=tuple(int(s) for s in size), window_type='offscreen',
                                      pixel_ratio=1)
         try:
-            # The first draw delivers the canvas' resize event, on which FURY re-fits the camera to
-            # the whole scene: frame the streamlines after it, then draw again.
-            manager.render()
-            manager.window.draw()
-            manager.screens[0].camera.show_object(_bounding_sphere(view), view_dir=view_direction(azimuth, elevation),
-                                                  up=(0, 0, 1), scale=1.0 / max(float(zoom), 1e-3))
-            manager.render()
-            manager.window.draw()
+            _draw_framed(manager, view, azimuth, elevation, zoom)
             image = np.asarray(manager.snapshot()).copy()
         finally:
             manager.close()
@@ -529,8 +547,108 @@ def render_batch_png(sampler, path, *, epoch=0, batch_index=0, size=(800, 800), 
     return image
 
 # %% ../nbs/09_viz_batch.ipynb
+LIVE_CHOICES = ('auto', True, False)
+
+
+def in_jupyter_kernel():
+    "True when this code runs in a Jupyter kernel (where a widget has a front end to talk to)."
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), 'kernel', None) is not None
+
+
+def live_canvas_problem(live='auto'):
+    """Why a live canvas cannot be used (None when it can be tried).
+
+    Parameters
+    ----------
+    live : {'auto', True, False}
+        'auto': only in a Jupyter kernel; True: wherever `jupyter_rfb` is installed.
+    """
+    if not (live is True or live is False or live == 'auto'):
+        raise ConfigError(f"live must be 'auto', True or False, got {live!r}")
+    if live is False:
+        return 'live=False was asked'
+    try:
+        import jupyter_rfb  # noqa: F401
+    except ImportError:
+        return 'jupyter_rfb is not installed (pip install jupyter_rfb)'
+    if live == 'auto' and not in_jupyter_kernel():
+        return 'not running in a Jupyter kernel'
+    return None
+
+# %% ../nbs/09_viz_batch.ipynb
+class LiveCanvas:
+    """FURY's Jupyter canvas (a `jupyter_rfb.RemoteFrameBuffer`) showing one `BatchView` at a time.
+
+    The mouse turns and zooms the camera; `show` replaces what is drawn and keeps that camera
+    unless asked to frame the streamlines again.
+
+    Parameters
+    ----------
+    size : (int, int)
+        Canvas size in pixels.
+
+    Raises
+    ------
+    RenderingUnavailable
+        No GPU driver, FURY or jupyter_rfb missing, or the canvas could not be created.
+    """
+    def __init__(self, size=(520, 520), *, background=(1.0, 1.0, 1.0), thickness=2.0):
+        check_rendering()
+        self._actor, window = _import_fury()
+        self.size, self.thickness, self._drawn = tuple(int(s) for s in size), float(thickness), []
+        try:
+            self.scene = window.Scene(background=(*background, 1.0))
+            self.manager = window.ShowManager(scene=self.scene, size=self.size, window_type='jupyter', pixel_ratio=1)
+            if not hasattr(self.manager.window, 'snapshot'):
+                raise TypeError(f'FURY made a {type(self.manager.window).__name__}, not a jupyter_rfb canvas')
+            # Until a front end shows the widget (never, under papermill or in a saved notebook) the
+            # canvas has no size and draws 1x1 pixel: give it the size a front end would report.
+            self.widget.handle_event({'event_type': 'resize', 'width': self.size[0], 'height': self.size[1],
+                                      'pixel_ratio': 1})
+        except Exception as e:
+            raise RenderingUnavailable(f'FURY could not create a live Jupyter canvas: {type(e).__name__}: {e}') from e
+
+    @property
+    def widget(self):
+        "The `RemoteFrameBuffer` widget to display."
+        return self.manager.window
+
+    def show(self, view, camera=None):
+        """Draw `view` instead of what is drawn now.
+
+        Parameters
+        ----------
+        view : BatchView
+        camera : (azimuth, elevation, zoom), optional
+            Frame the streamlines from there; None keeps the camera the user set with the mouse.
+        """
+        try:
+            if self._drawn:
+                self.scene.remove(*self._drawn)
+            self._drawn = _view_actors(self._actor, view, self.thickness)
+            if self._drawn:
+                self.scene.add(*self._drawn)
+            if camera is None:
+                _draw_now(self.manager)
+            else:
+                _draw_framed(self.manager, view, *camera)
+        except Exception as e:
+            raise RenderingUnavailable(f'FURY could not draw the batch: {type(e).__name__}: {e}') from e
+
+    def snapshot(self):
+        "The last frame the canvas sent (RGBA uint8, (height, width, 4)), rendered in this process."
+        return np.asarray(self.widget.snapshot().data).copy()
+
+    def close(self):
+        self.manager.close()
+
+# %% ../nbs/09_viz_batch.ipynb
 class BatchInspector:
-    """Interactive 3D view of sampled batches (ipywidgets + FURY 2 snapshots).
+    """Interactive 3D view of sampled batches (ipywidgets + FURY 2: live canvas or snapshots).
 
     Parameters
     ----------
@@ -544,6 +662,9 @@ class BatchInspector:
         Picture size in pixels.
     render : bool
         Render at once (False: only when `refresh` is called; for tests and scripts).
+    live : {'auto', True, False}
+        A `LiveCanvas` turned by the mouse ('auto': in a Jupyter kernel with jupyter_rfb); when it
+        cannot be had, the offscreen snapshot, with the reason in the log.
     **sampler_kwargs
         With `dataset`: the sampler's arguments (batch_size, step_size, split_ratio, ...).
 
@@ -554,7 +675,7 @@ class BatchInspector:
     ...                batch_size=100, step_size=1.0, split_ratio=0.3, noise_gaussian_size=0.1)  # doctest: +SKIP
     """
     def __init__(self, sampler=None, *, dataset=None, streamline_group=None, input_group=None, size=(520, 520),
-                 render=True, **sampler_kwargs):
+                 render=True, live='auto', **sampler_kwargs):
         import ipywidgets as w
         if (sampler is None) == (dataset is None):
             raise ConfigError('give either a sampler or a dataset (with streamline_group and sampler arguments)')
@@ -587,7 +708,15 @@ class BatchInspector:
             reset_camera=w.Button(description='reset camera'))
         self.image = w.Image(format='png', width=self.size[0], height=self.size[1])
         self.message = w.HTML()
-        self.widget = w.HBox([w.VBox(list(c.values())), w.VBox([self.image, self.message])])
+        self.canvas = self._live_canvas(live)
+        if self.canvas is None:
+            self.picture, shown = self.image, [self.image, self.message]
+        else:
+            self.picture = self.canvas.widget
+            frozen = w.Accordion(children=[self.image], titles=('last frame (for saved notebooks)',))
+            shown = [self.picture, self.message, frozen]
+        self.widget = w.HBox([w.VBox(list(c.values())), w.VBox(shown)])
+        self._framed_camera = None
         self._updating = True
         self._on_subset()
         self._updating = False
@@ -599,6 +728,18 @@ class BatchInspector:
             c[name].observe(lambda _: self.refresh(), 'value')
         if render:
             self.refresh()
+
+    def _live_canvas(self, live):
+        "A `LiveCanvas`, or None (with the reason logged) when the snapshot must do."
+        problem = live_canvas_problem(live)
+        if problem is None:
+            try:
+                return LiveCanvas(self.size)
+            except DwimlError as e:
+                problem = str(e)
+        log = logger.warning if live is True else logger.info
+        log('the batch inspector shows offscreen snapshots, not a live canvas: %s', problem)
+        return None
 
     @property
     def sampler(self):
@@ -641,6 +782,7 @@ class BatchInspector:
         self._updating = True
         self.controls['azimuth'].value, self.controls['elevation'].value, self.controls['zoom'].value = -60, 25, 1.0
         self._updating = False
+        self._framed_camera = None
         self.refresh()
 
     def view(self):
@@ -657,9 +799,15 @@ class BatchInspector:
         if self._updating: return
         try:
             view = self.view()
-            self.image.value = png_bytes(render_view(view, size=self.size, azimuth=self.controls['azimuth'].value,
-                                                     elevation=self.controls['elevation'].value,
-                                                     zoom=self.controls['zoom'].value))
+            camera = tuple(self.controls[name].value for name in ('azimuth', 'elevation', 'zoom'))
+            if self.canvas is None:
+                self.image.value = png_bytes(render_view(view, size=self.size, azimuth=camera[0],
+                                                         elevation=camera[1], zoom=camera[2]))
+            else:
+                # new data keeps the camera the mouse set; the camera controls frame the streamlines
+                self.canvas.show(view, camera=None if camera == self._framed_camera else camera)
+                self._framed_camera = camera
+                self.image.value = png_bytes(self.canvas.snapshot())
             self.message.value = f'<span>{view.title}</span>'
         except DwimlError as e:
             self.message.value = f'<span style="color:#b00">⚠ {_html_escape(str(e))}</span>'

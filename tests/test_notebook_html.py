@@ -47,7 +47,7 @@ def test_the_notebook_saved_the_state_of_its_widgets(executed_notebook):
     states = [o['data'][WIDGET_STATE_MIME] for o in _outputs(executed_notebook) if WIDGET_STATE_MIME in o.get('data', {})]
     assert len(states) == 1
     models = states[0]['state'].values()
-    figures = [m for m in models if m['model_module'] == 'anywidget']
+    figures = [m for m in models if m['model_module'] == 'anywidget' and '_widget_data' in m['state']]
     assert len(figures) == 1
     data = figures[0]['state']['_widget_data']
     # Arrays travel as binary buffers (base64 in the state): the trace records their shape.

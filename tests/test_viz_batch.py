@@ -159,3 +159,67 @@ def test_a_subject_without_streamlines_is_named(sampler):
     empty = sampler.source_data.subjects.index('sub-03')
     with pytest.raises(DataError, match="subject 'sub-03', group 'streamlines'.*has no streamlines in this group"):
         make_batch_view(sampler, batch_parts(sampler, 0, 0), subject=empty)
+
+
+LIVE_NOTEBOOK_CODE = '''
+import json, logging
+import numpy as np
+from jupyter_rfb import RemoteFrameBuffer
+from dwiml_nb.data import make_demo_dataset
+from dwiml_nb.dataset import MultiSubjectDataset
+from dwiml_nb.viz_batch import BatchInspector, in_jupyter_kernel
+
+demo = make_demo_dataset(OUT + '/demo', which='phantom', nb_subjects=3, progress=False)
+dataset = MultiSubjectDataset(demo.hdf5_files['phantom']).load_data(progress=False)
+kwargs = dict(dataset=dataset, streamline_group='streamlines', input_group='input', size=(200, 200), batch_size=40,
+              step_size=2.0, seed=3)
+inspector = BatchInspector(live=True, **kwargs)
+by_streamline = inspector.canvas.snapshot()
+inspector.controls['color_by'].value = 'direction'
+by_direction = inspector.canvas.snapshot()
+inspector.controls['slice_axis'].value = 'z'
+sliced = inspector.canvas.snapshot()
+np.savez(OUT + '/frames.npz', by_streamline=by_streamline, by_direction=by_direction, sliced=sliced)
+auto = BatchInspector(render=False, **kwargs)
+json.dump(dict(in_kernel=in_jupyter_kernel(), picture_is_rfb=isinstance(inspector.picture, RemoteFrameBuffer),
+               picture_in_widget=inspector.picture in inspector.widget.children[1].children,
+               message=inspector.message.value, auto_is_live=auto.canvas is not None,
+               last_frame_png=inspector.image.value[:4] == b'\\x89PNG'),
+          open(OUT + '/result.json', 'w'))
+inspector
+'''
+
+
+def test_live_canvas_in_a_real_kernel_draws_and_follows_the_controls(can_render, tmp_path):
+    "In a Jupyter kernel (papermill), the inspector shows FURY's jupyter_rfb canvas, rendered in the kernel."
+    pytest.importorskip('jupyter_rfb')
+    import json
+    import nbformat
+    import papermill as pm
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f'OUT = {str(tmp_path)!r}'), nbformat.v4.new_code_cell(LIVE_NOTEBOOK_CODE)]
+    nbformat.write(nb, tmp_path / 'live.ipynb')
+    pm.execute_notebook(str(tmp_path / 'live.ipynb'), str(tmp_path / 'out.ipynb'), kernel_name='python3',
+                        cwd=str(tmp_path), progress_bar=False)
+    result = json.loads((tmp_path / 'result.json').read_text())
+    assert result == dict(in_kernel=True, picture_is_rfb=True, picture_in_widget=True, message=result['message'],
+                          auto_is_live=True, last_frame_png=True), result
+    assert 'training set' in result['message'], result['message']
+    frames = np.load(tmp_path / 'frames.npz')
+    first, direction, sliced = frames['by_streamline'], frames['by_direction'], frames['sliced']
+    assert first.shape == (200, 200, 4)
+    assert 0.01 < foreground(first).mean() < 0.9 and len(np.unique(first[foreground(first)][:, :3], axis=0)) > 20
+    # the colouring changes the colours of the same shapes (the camera is kept)
+    assert np.abs(direction.astype(int) - first.astype(int)).sum(axis=-1).astype(bool).mean() > 0.01
+    assert abs(foreground(direction).mean() - foreground(first).mean()) < 0.02
+    assert foreground(sliced).mean() > foreground(direction).mean() + 0.05
+
+
+def test_live_auto_outside_a_kernel_falls_back_to_the_snapshot_and_says_why(sampler, caplog):
+    with caplog.at_level('INFO', logger='dwiml_nb.viz_batch'):
+        inspector = BatchInspector(sampler, size=SIZE, render=False)
+    assert inspector.canvas is None and inspector.picture is inspector.image
+    assert 'not running in a Jupyter kernel' in caplog.text
+    with caplog.at_level('INFO', logger='dwiml_nb.viz_batch'):
+        BatchInspector(sampler, size=SIZE, render=False, live=False)
+    assert 'live=False was asked' in caplog.text
