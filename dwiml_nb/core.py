@@ -18,7 +18,7 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['DwimlError', 'DataError', 'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging',
-           'run_cli', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
+           'run_cli', 'in_jupyter_kernel', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -165,6 +165,15 @@ def run_cli(main, argv=None):
         print('interrupted', file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+# %% ../nbs/00_core.ipynb
+def in_jupyter_kernel():
+    "True inside a Jupyter kernel (JupyterLab, VS Code, papermill), where widgets have a front end."
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), 'kernel', None) is not None
 
 # %% ../nbs/00_core.ipynb
 @dataclass

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .core import ConfigError
+from .distributed import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ def training_params(trainer):
 
 def is_secondary_rank():
     "True in a torch.distributed process other than rank 0 (where trackers do nothing)."
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    return rank_and_world_size()[0] != 0
 
 # %% ../nbs/12_trackers.ipynb
 class ExperimentTracker:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, offsets_from_lengths,
-                           ranges_to_indices, run_cli, setup_logging)
+from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, in_jupyter_kernel,
+                           offsets_from_lengths, ranges_to_indices, run_cli, setup_logging)
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_C
            'LIVE_CHOICES', 'hsv_to_rgb', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
            'colors_by_direction', 'colormap', 'feature_range', 'colors_by_feature', 'augmentation_labels',
            'sampler_variant', 'batch_parts', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'check_rendering',
-           'view_direction', 'render_view', 'png_bytes', 'save_png', 'render_batch_png', 'in_jupyter_kernel',
-           'live_canvas_problem', 'LiveCanvas', 'BatchInspector', 'visualize_batch_main']
+           'view_direction', 'render_view', 'png_bytes', 'save_png', 'render_batch_png', 'live_canvas_problem',
+           'LiveCanvas', 'BatchInspector', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
 def hsv_to_rgb(hsv):
@@ -550,13 +550,6 @@ def render_batch_png(sampler, path, *, epoch=0, batch_index=0, size=(800, 800), 
 LIVE_CHOICES = ('auto', True, False)
 
 
-def in_jupyter_kernel():
-    "True when this code runs in a Jupyter kernel (where a widget has a front end to talk to)."
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return getattr(get_ipython(), 'kernel', None) is not None
 
 
 def live_canvas_problem(live='auto'):

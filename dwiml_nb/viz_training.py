@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import DataError, DwimlError, atomic_write, run_cli, setup_logging
+from .core import DataError, DwimlError, atomic_write, in_jupyter_kernel, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'BATCH_LOG_COLUMNS', 'EPOCH_LOG_COLUMNS', 'PANELS', 'PANEL_TITLES', 'COLORS', 'CHROMIUM_NAMES',
            'CHROMIUM_FLAGS', 'WIDGET_STATE_MIME', 'WIDGET_VIEW_MIME', 'read_log_csv', 'ExperimentLogs',
            'fractional_epochs', 'trailing_mean', 'experiment_traces', 'logs_figure', 'plot_logs', 'ChromiumUnavailable',
-           'find_chromium', 'html_screenshot', 'save_figure', 'visualize_logs_main', 'in_jupyter_kernel',
-           'LiveTrainingChart', 'widget_state', 'display_widget_state', 'notebook_to_html']
+           'find_chromium', 'html_screenshot', 'save_figure', 'visualize_logs_main', 'LiveTrainingChart',
+           'widget_state', 'display_widget_state', 'notebook_to_html']
 
 # %% ../nbs/11_viz_training.ipynb
 BATCH_LOG_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate',
@@ -305,16 +305,6 @@ def visualize_logs_main(argv=None):
     run_cli(_visualize_logs, argv)
 
 # %% ../nbs/11_viz_training.ipynb
-def in_jupyter_kernel():
-    "True inside a Jupyter kernel (JupyterLab, VS Code, papermill), where widgets can display."
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, 'kernel')
-
-
 class LiveTrainingChart:
     """Trainer callback: live training curves in Jupyter (`plotly.graph_objects.FigureWidget`).
 
