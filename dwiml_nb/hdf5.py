@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
                            offsets_from_lengths, run_cli, setup_logging)
+from .augment import streamline_lengths_mm
 
 try:
     import resource  # POSIX: the process's file size limit
@@ -34,8 +35,8 @@ __all__ = ['log', 'NOT_DEFINED', 'H5PY_READ_ERRORS', 'REQUIRED_ROOT_ATTRS', 'GRO
            'BORDER_TOLERANCE_VOX', 'ROOM_MARGIN_BYTES', 'DESCRIBE_FORMAT_VERSION', 'open_dwiml_hdf5', 'read_root_attrs',
            'read_group_attrs', 'load_groups_config', 'read_subject_list', 'check_subject_lists', 'load_volume',
            'check_same_grid', 'standardize', 'build_volume_group', 'load_tractogram_vox', 'resample_sft',
-           'euclidean_lengths_mm', 'build_streamline_group', 'create_hdf5_dataset', 'describe_hdf5',
-           'format_description', 'create_hdf5_main', 'describe_main']
+           'build_streamline_group', 'create_hdf5_dataset', 'describe_hdf5', 'format_description', 'create_hdf5_main',
+           'describe_main']
 
 # %% ../nbs/01_hdf5.ipynb
 NOT_DEFINED = 'Not defined by user'
@@ -534,20 +535,6 @@ def resample_sft(sft, *, step_size=None, nb_points=None, compress=None):
     return out
 
 # %% ../nbs/01_hdf5.ipynb
-def euclidean_lengths_mm(streams, affine):
-    "Length in mm of every streamline of a `PackedStreamlines` in voxel space (float64)."
-    data = np.asarray(streams.data, dtype=np.float64)
-    if len(data) < 2: return np.zeros(len(streams), np.float64)
-    segments = np.linalg.norm(np.diff(data, axis=0) @ np.asarray(affine)[:3, :3].T, axis=1)
-    # drop the segments joining one streamline's last point to the next one's first
-    is_inside = np.ones(len(segments), bool)
-    is_inside[streams.offsets[1:] - 1] = False
-    per_point = np.concatenate([[0.], np.where(is_inside, segments, 0.)])
-    cumulative = np.cumsum(per_point)
-    ends = streams.offsets + streams.lengths - 1
-    return cumulative[ends] - cumulative[streams.offsets]
-
-# %% ../nbs/01_hdf5.ipynb
 def build_streamline_group(subj_dir, group, conf, *, reference=None, subject=None,
                            step_size=None, nb_points=None, compress=None):
     """Load, check, resample and concatenate (config order) the tractograms of one group of one subject.
@@ -583,7 +570,7 @@ def build_streamline_group(subj_dir, group, conf, *, reference=None, subject=Non
                         file=subj_dir, subject=subject, group=group)
     streams = PackedStreamlines.concatenate(packs)
     return {'streamlines': streams,
-            'euclidean_lengths': euclidean_lengths_mm(streams, space[0]).astype(dtype),
+            'euclidean_lengths': streamline_lengths_mm(streams, space[0]).astype(dtype),
             'dps': {k: np.concatenate(v) for k, v in dps_parts.items()},
             'space_attributes': space}
 
