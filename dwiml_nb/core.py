@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb 2
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -18,7 +19,8 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['DwimlError', 'DataError', 'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging',
-           'run_cli', 'in_jupyter_kernel', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
+           'cli_parser', 'run_cli', 'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines', 'offsets_from_lengths',
+           'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -148,9 +150,23 @@ def _fsync_dir(path):
 
 # %% ../nbs/00_core.ipynb
 def setup_logging(verbose=False):
-    "Route the package's `logging` to stderr at INFO (or DEBUG when `verbose`)."
+    """Route the package's `logging` to stderr at INFO (or DEBUG when `verbose`).
+
+    In a Jupyter kernel the messages go to stdout instead: stderr shows as red blocks there,
+    which reads as an error for every epoch line.
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
+                        format='%(levelname)s %(name)s: %(message)s', stream=_message_stream())
+
+
+def _message_stream():
+    return sys.stdout if in_jupyter_kernel() else sys.stderr
+
+
+def cli_parser(prog, description, **kwargs):
+    "An `argparse` parser whose `--help` shows every option's default next to its text."
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
 def run_cli(main, argv=None):
@@ -174,6 +190,14 @@ def in_jupyter_kernel():
     except ImportError:
         return False
     return getattr(get_ipython(), 'kernel', None) is not None
+
+# %% ../nbs/00_core.ipynb
+def progress_bar(iterable=None, **kwargs):
+    "A text `tqdm` bar: stderr in a terminal, stdout in a Jupyter kernel."
+    from tqdm.std import tqdm
+    kwargs.setdefault('file', _message_stream())
+    kwargs.setdefault('dynamic_ncols', True)
+    return tqdm(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb
 @dataclass

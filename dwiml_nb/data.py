@@ -5,7 +5,6 @@
 # %% ../nbs/03_data.ipynb 2
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -17,10 +16,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import scipy.sparse
-from tqdm.auto import tqdm
 
-from .core import (
-    ConfigError, DataError, PackedStreamlines, atomic_write, offsets_from_lengths, run_cli, setup_logging)
+from .core import (ConfigError, DataError, PackedStreamlines, atomic_write, cli_parser, offsets_from_lengths,
+                           progress_bar, run_cli, setup_logging)
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +27,8 @@ __all__ = ['logger', 'PHANTOM_SHAPE', 'PHANTOM_VOXEL_SIZE', 'PHANTOM_BUNDLES', '
            'DEMO_DATASETS', 'hemisphere_directions', 'orientation_samples', 'orientation_features', 'phantom_affine',
            'phantom_subject', 'vox_to_rasmm', 'rasmm_to_vox', 'write_subject', 'split_subjects',
            'write_database_metadata', 'make_phantom_database', 'load_dipy_bundles', 'grid_around', 'make_dipy_database',
-           'DemoData', 'make_demo_dataset', 'direction_alignment', 'make_demo_main']
+           'DemoData', 'make_demo_dataset', 'project_root', 'project_path', 'demo_hdf5', 'direction_alignment',
+           'make_demo_main']
 
 # %% ../nbs/03_data.ipynb
 def hemisphere_directions(nb_directions=32):
@@ -342,7 +341,7 @@ def make_phantom_database(db_dir, *, nb_subjects=8, seed=1234, nb_streamlines_pe
     subjects = [f'sub-{i + 1:02d}' for i in range(nb_subjects)]
     splits = split_subjects(subjects)
     affine = phantom_affine()
-    for i, subj_id in enumerate(tqdm(subjects, desc='phantom subjects', disable=not progress)):
+    for i, subj_id in enumerate(progress_bar(subjects, desc='phantom subjects', disable=not progress)):
         rng = np.random.default_rng([seed, i])
         bundles = phantom_subject(rng, nb_streamlines_per_bundle=nb_streamlines_per_bundle)
         features, mask = orientation_features(PackedStreamlines.concatenate(bundles.values()), PHANTOM_SHAPE,
@@ -410,7 +409,7 @@ def make_dipy_database(db_dir, *, seed=1234, voxel_size=3.0, noise_std=0.1, prog
     of its streamlines with Gaussian noise drawn from ``default_rng([seed, i])``.
     """
     bundles_mm = load_dipy_bundles()
-    for i, (subj_id, bundles) in enumerate(tqdm(bundles_mm.items(), desc='dipy subjects', disable=not progress)):
+    for i, (subj_id, bundles) in enumerate(progress_bar(bundles_mm.items(), desc='dipy subjects', disable=not progress)):
         affine, shape = grid_around(np.concatenate([np.concatenate(b) for b in bundles.values()]), voxel_size)
         bundles_vox = {}
         for name, streams in bundles.items():
@@ -539,6 +538,49 @@ def make_demo_dataset(out_dir, *, which='all', seed=1234, nb_subjects=8, overwri
     return result
 
 # %% ../nbs/03_data.ipynb
+def project_root(start=None):
+    "The dwiml-nb checkout holding `start` (default: the current folder), or None outside one."
+    start = Path.cwd() if start is None else Path(start)
+    for folder in (start.resolve(), *start.resolve().parents):
+        if (folder / 'settings.ini').is_file() and (folder / 'nbs').is_dir():
+            return folder
+    return None
+
+
+def project_path(path, start=None):
+    "`path` as given when absolute, else relative to `project_root(start)` (or to `start` outside a checkout)."
+    path = Path(path).expanduser()
+    if path.is_absolute(): return path
+    base = Path.cwd() if start is None else Path(start)
+    return (project_root(base) or base) / path
+
+
+def demo_hdf5(hdf5_file=None, start=None, progress=True):
+    """The HDF5 file the training notebook uses: the given one (which must exist), or the demo phantom.
+
+    Parameters
+    ----------
+    hdf5_file : path-like or None
+        None: ``demo/phantom.hdf5`` of the repository, built with `make_demo_dataset` when missing.
+
+    Raises
+    ------
+    DataError
+        `hdf5_file` was given and does not exist.
+    """
+    if hdf5_file is None:
+        path = project_path('demo/phantom.hdf5', start)
+        if not path.exists():
+            logger.info('building the demo phantom in %s', path.parent)
+            make_demo_dataset(path.parent, which='phantom', progress=progress)
+        return path
+    path = project_path(hdf5_file, start)
+    if not path.is_file():
+        raise DataError('no such HDF5 file (leave hdf5_file = None to use the demo phantom, built when missing)',
+                        file=path)
+    return path
+
+# %% ../nbs/03_data.ipynb
 def direction_alignment(features, streams, directions=None, max_step=1.0):
     """Mean ``|cos|`` between the strongest feature direction of each sample's voxel and the tangent.
 
@@ -553,16 +595,16 @@ def direction_alignment(features, streams, directions=None, max_step=1.0):
 
 # %% ../nbs/03_data.ipynb
 def _make_demo(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='dwiml_make_demo_dataset',
-        description='Build demo datasets with no download: a synthetic phantom of curved crossing bundles '
+    parser = cli_parser(
+        'dwiml_make_demo_dataset',
+        'Build demo datasets with no download: a synthetic phantom of curved crossing bundles '
                     "and dipy's shipped bundles, as dwi_ml database directories (NIfTI + .trk + config.json "
                     '+ split files) and their HDF5 files.')
     parser.add_argument('out_dir', help='output folder (new, empty, or made by this script)')
     parser.add_argument('--overwrite', action='store_true', help='rebuild datasets that already exist')
     parser.add_argument('--which', choices=('all', *DEMO_DATASETS), default='all', help='datasets to build')
-    parser.add_argument('--seed', type=int, default=1234, help='random seed (default: 1234)')
-    parser.add_argument('--nb_subjects', type=int, default=8, help='phantom subjects, >= 3 (default: 8)')
+    parser.add_argument('--seed', type=int, default=1234, help='random seed (the same seed gives the same files)')
+    parser.add_argument('--nb_subjects', type=int, default=8, help='phantom subjects, >= 3')
     parser.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .core import ConfigError, DataError, DwimlError, PackedStreamlines, offsets_from_lengths, ranges_to_indices
+from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, offsets_from_lengths, progress_bar,
+                           ranges_to_indices)
 from .hdf5 import H5PY_READ_ERRORS, open_dwiml_hdf5, read_group_attrs, read_root_attrs
 
 logger = logging.getLogger(__name__)
@@ -432,7 +432,7 @@ class MultiSubjectDataset:
                      'testing': self._subject_list('testing_subjs')}
             all_subjects = list(dict.fromkeys(s for names in lists.values() for s in names))
             loaded = {}
-            for name in tqdm(all_subjects, desc=f"loading {self.hdf5_file.name} ({'lazy' if self.lazy else 'RAM'})",
+            for name in progress_bar(all_subjects, desc=f"loading {self.hdf5_file.name} ({'lazy' if self.lazy else 'RAM'})",
                              disable=not progress, leave=False):
                 loaded[name] = self._load_subject(f, name)
         except DwimlError:

@@ -5,7 +5,6 @@
 # %% ../nbs/01_hdf5.ipynb 2
 from __future__ import annotations
 
-import argparse
 import ast
 import datetime
 import json
@@ -16,10 +15,9 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
-                           offsets_from_lengths, run_cli, setup_logging)
+                           cli_parser, offsets_from_lengths, progress_bar, run_cli, setup_logging)
 from .augment import streamline_lengths_mm
 
 try:
@@ -663,7 +661,7 @@ def create_hdf5_dataset(database_dir, out_file, config, training_subjs, validati
     with atomic_write(out_file) as tmp, h5py.File(tmp, 'w') as f:
         _write_root_attrs(f, config, training, validation, testing, step_size, nb_points, compress)
         first_features = None
-        for subj in tqdm(subjects, desc='subjects', unit='subject', disable=not progress):
+        for subj in progress_bar(subjects, desc='subjects', unit='subject', disable=not progress):
             log.debug('subject %s', subj)
             features = _write_subject(f.create_group(subj), database_dir / subj, subj, config, volume_groups,
                                       room=_RoomGuard(tmp, out_file), step_size=step_size, nb_points=nb_points,
@@ -816,17 +814,19 @@ def format_description(desc):
 
 # %% ../nbs/01_hdf5.ipynb
 def _create_hdf5(argv):
-    p = argparse.ArgumentParser(prog='dwiml_create_hdf5_dataset',
-                                description='Build a dwi_ml-layout HDF5 file from DATABASE_DIR/<subject>/ files.')
+    p = cli_parser('dwiml_create_hdf5_dataset', 'Build a dwi_ml-layout HDF5 file from DATABASE_DIR/<subject>/ files.')
     p.add_argument('database_dir', help='directory holding one directory per subject')
     p.add_argument('out_hdf5_file', help='the HDF5 file to write')
     p.add_argument('config_file', help="dwi_ml groups config (JSON); file patterns relative to each subject's directory")
     for name in ('training', 'validation', 'testing'):
         p.add_argument(f'{name}_subjs', help=f'text file listing the {name} subjects (one id a line; may be empty)')
     resampling = p.add_mutually_exclusive_group()
-    resampling.add_argument('--step_size', type=float, help='resample streamlines to this step size (mm)')
-    resampling.add_argument('--nb_points', type=int, help='resample every streamline to this number of points')
-    resampling.add_argument('--compress', type=float, help='compress streamlines with this tolerance (mm)')
+    resampling.add_argument('--step_size', type=float,
+                            help='resample streamlines to this step size, mm (None: stored as loaded)')
+    resampling.add_argument('--nb_points', type=int,
+                            help='resample every streamline to this number of points (None: stored as loaded)')
+    resampling.add_argument('--compress', type=float,
+                            help='compress streamlines with this tolerance, mm (None: stored as loaded)')
     p.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
     p.add_argument('--no_progress', action='store_true', help='hide the progress bar')
     p.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
@@ -845,8 +845,8 @@ def create_hdf5_main(argv=None):
 
 
 def _describe(argv):
-    p = argparse.ArgumentParser(prog='dwiml_describe_hdf5', description='Describe a dwi_ml-layout HDF5 file.')
-    p.add_argument('hdf5_file')
+    p = cli_parser('dwiml_describe_hdf5', 'Describe a dwi_ml-layout HDF5 file: subsets, subjects, groups.')
+    p.add_argument('hdf5_file', help='the HDF5 file (written by dwiml_create_hdf5_dataset or by dwi_ml)')
     p.add_argument('--json', action='store_true', help='print the stable JSON description (format_version 1)')
     args = p.parse_args(argv)
     setup_logging()

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from tqdm.auto import tqdm
 
-from .core import ConfigError, DataError, PackedStreamlines, offsets_from_lengths, ranges_to_indices
+from .core import (ConfigError, DataError, PackedStreamlines, offsets_from_lengths, progress_bar,
+                           ranges_to_indices)
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def _track_forward(model, seeds, initial_directions, input_fn, allowed, step_siz
     state = None
     alive = _inside(allowed, seeds)
     min_cos = math.cos(math.radians(max_angle_deg))
-    for step in tqdm(range(max_nb_steps), desc='tracking', disable=not progress, leave=False):
+    for step in progress_bar(range(max_nb_steps), desc='tracking', disable=not progress, leave=False):
         idx = torch.nonzero(alive)[:, 0]
         if len(idx) == 0: break
         current = points[step, idx]

@@ -18,17 +18,17 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import dwiml_nb
-from .core import (CheckpointError, ConfigError, DiskFullError, DwimlError, atomic_write, run_cli,
-                           setup_logging)
+from .core import (CheckpointError, ConfigError, DiskFullError, DwimlError, atomic_write, cli_parser,
+                           progress_bar, run_cli, setup_logging)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
 
 logger = logging.getLogger(__name__)
@@ -37,15 +37,16 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'BATCH_COLUMNS', 'EPOCH_COLUMNS', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'OPTIMIZERS', 'CHECKPOINT_FORMAT',
            'NonFiniteLossError', 'experiment_paths', 'CsvLog', 'NullLog', 'get_rng_states', 'set_rng_states',
            'seed_everything', 'class_path', 'import_class', 'load_checkpoint', 'check_model_state', 'sampler_spec',
-           'DWIMLAbstractTrainer', 'resume_experiment', 'resume_main']
+           'usable_cores', 'default_torch_threads', 'choose_torch_threads', 'DWIMLAbstractTrainer', 'resume_experiment',
+           'resume_main']
 
 # %% ../nbs/07_trainer.ipynb
 BATCH_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'weight', 'nb_streamlines', 'grad_norm',
-                 'grad_norm_clipped', 'learning_rate', 'time_s', 'streamlines_per_s')
+                 'grad_norm_clipped', 'learning_rate', 'time_s', 'streamlines_per_s', 'elapsed_s')
 EPOCH_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate',
                  'nb_streamlines', 'best_valid_loss', 'best_epoch', 'patience_count', 'time_s',
-                 'streamlines_per_s')
-TIMING_COLUMNS = ('time_s', 'streamlines_per_s')
+                 'streamlines_per_s', 'elapsed_s')
+TIMING_COLUMNS = ('time_s', 'streamlines_per_s', 'elapsed_s')
 EPOCH_ARRAYS = {'train_loss_per_epoch': 'train_loss', 'valid_loss_per_epoch': 'valid_loss',
                 'grad_norm_per_epoch': 'grad_norm', 'learning_rate_per_epoch': 'learning_rate',
                 'epoch_time_s': 'time_s'}
@@ -76,7 +77,8 @@ class CsvLog:
     path : path-like
         The file; created with a header row when missing or empty.
     columns : sequence of str
-        Column names, in order.
+        Column names, in order. A log that already has a header keeps its own columns (an
+        experiment started by an older version goes on without the columns added since).
     """
     def __init__(self, path, columns):
         self.path, self.columns = Path(path), tuple(columns)
@@ -84,6 +86,9 @@ class CsvLog:
         self._file = open(self.path, 'a', newline='')
         if self._file.tell() == 0:
             self._write(self.columns)
+        else:
+            with open(self.path, newline='') as f:
+                self.columns = tuple(next(csv.reader(f), None) or self.columns)
 
     def _write(self, values):
         try:
@@ -273,6 +278,36 @@ def sampler_spec(sampler):
                        'set_name': getattr(source, 'set_name', None), 'lazy': bool(getattr(source, 'lazy', False))}}
 
 # %% ../nbs/07_trainer.ipynb
+def usable_cores():
+    "The number of cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_torch_threads(num_workers=0, cores=None):
+    "Half of the cores that `num_workers` DataLoader workers leave to the training process, at least 1."
+    cores = usable_cores() if cores is None else int(cores)
+    return max(1, (cores - int(num_workers)) // 2)
+
+
+def choose_torch_threads(num_threads=None, num_workers=0):
+    """The intra-op thread count training should use, and why.
+
+    Returns
+    -------
+    (int or None, str)
+        The count (None: leave torch as it is, the user set ``OMP_NUM_THREADS``) and a reason.
+    """
+    if num_threads is not None:
+        if int(num_threads) < 1: raise ConfigError(f'num_threads must be at least 1, got {num_threads}')
+        return int(num_threads), 'num_threads'
+    if os.environ.get('OMP_NUM_THREADS'):
+        return None, 'OMP_NUM_THREADS'
+    return default_torch_threads(num_workers), f'auto: {usable_cores()} cores, {num_workers} DataLoader workers'
+
+# %% ../nbs/07_trainer.ipynb
 def _seed_worker(seed, epoch, worker_id):
     # load_batch derives its RNG from (seed, epoch, batch_index); this only makes any other
     # torch randomness inside a worker reproducible.
@@ -329,7 +364,9 @@ class DWIMLAbstractTrainer:
     overwrite : bool
         Replace an existing experiment folder's results instead of refusing.
     progress : bool
-        Show tqdm progress bars (rank 0 only).
+        Show text progress bars (rank 0 only).
+    num_threads : int or None
+        torch's intra-op threads while training (restored afterwards); None: `choose_torch_threads`.
 
     Attributes
     ----------
@@ -345,7 +382,7 @@ class DWIMLAbstractTrainer:
                  lr_scheduler=None, max_epochs=10, max_batches_per_epoch_training=None,
                  max_batches_per_epoch_validation=None, patience=None, patience_delta=1e-6, clip_grad=None,
                  num_workers=0, device='cpu', seed=1234, callbacks=(), checkpoint_every_n_batches=None,
-                 overwrite=False, progress=True):
+                 overwrite=False, progress=True, num_threads=None):
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer '{optimizer}' is not one of {', '.join(OPTIMIZERS)}")
         for name, value in (('learning_rate', learning_rate), ('max_epochs', max_epochs)):
@@ -373,6 +410,9 @@ class DWIMLAbstractTrainer:
         self.num_workers, self.device, self.seed = int(num_workers), torch.device(device), int(seed)
         self.checkpoint_every_n_batches = checkpoint_every_n_batches
         self.callbacks, self.progress = list(callbacks), progress
+        self.num_threads = None if num_threads is None else int(num_threads)
+        choose_torch_threads(self.num_threads, self.num_workers)   # refuses a bad value now, not after loading
+        self.elapsed_s = 0.0       # seconds of training and validation so far, over every run of the experiment
         self.optimizer = OPTIMIZERS[optimizer](self.unwrapped_model.parameters(), lr=self.learning_rate,
                                                weight_decay=self.weight_decay)
         self.lr_scheduler = self._make_scheduler()
@@ -404,7 +444,7 @@ class DWIMLAbstractTrainer:
                 'max_batches_per_epoch_validation': self.max_batches_per_epoch_validation,
                 'patience': self.patience, 'patience_delta': self.patience_delta, 'clip_grad': self.clip_grad,
                 'num_workers': self.num_workers, 'device': str(self.device), 'seed': self.seed,
-                'checkpoint_every_n_batches': self.checkpoint_every_n_batches}
+                'checkpoint_every_n_batches': self.checkpoint_every_n_batches, 'num_threads': self.num_threads}
 
     def _make_scheduler(self):
         if not self.lr_scheduler_spec: return None
@@ -473,10 +513,15 @@ class DWIMLAbstractTrainer:
             self._epoch_log = CsvLog(self.paths['epochs_csv'], EPOCH_COLUMNS)
         else:
             self._batch_log, self._epoch_log = NullLog(), NullLog()
-        epochs_bar = tqdm(total=self.max_epochs, initial=min(self.epoch, self.max_epochs), desc='epochs',
-                          disable=not self._show_progress)
+        epochs_bar = progress_bar(total=self.max_epochs, initial=min(self.epoch, self.max_epochs), desc='epochs',
+                                  disable=not self._show_progress)
+        threads_before = torch.get_num_threads()
+        threads, why = choose_torch_threads(self.num_threads, self.num_workers)
+        if threads is not None: torch.set_num_threads(threads)
+        if self.is_main_process: logger.info('training with %d torch threads (%s)', torch.get_num_threads(), why)
+        began = False
         try:
-            self._call('on_train_begin')
+            self._call('on_train_begin'); began = True
             while self.epoch < self.max_epochs and not self._patience_exhausted():
                 self._train_one_epoch()
                 valid_loss = self._validate_one_epoch()
@@ -485,11 +530,21 @@ class DWIMLAbstractTrainer:
             if self._patience_exhausted() and self.is_main_process:
                 logger.info('early stopping: no improvement of more than %g for %d epochs (best epoch %d, loss %g)',
                             self.patience_delta, self.patience_count, self.best_epoch, self.best_valid_loss)
-            self._call('on_train_end')
         finally:
             epochs_bar.close()
             self._batch_log.close(); self._epoch_log.close()
+            torch.set_num_threads(threads_before)
+            # Also after an error or an interrupt: a live chart turns into its saved picture, trackers close.
+            if began: self._call_on_train_end()
         return self.history
+
+    def _call_on_train_end(self):
+        failing = sys.exc_info()[0] is not None
+        try:
+            self._call('on_train_end')
+        except Exception:
+            if not failing: raise
+            logger.exception('a callback failed in on_train_end (after training stopped on an error)')
 
     def _patience_exhausted(self):
         return self.patience is not None and self.patience_count >= self.patience
@@ -550,7 +605,7 @@ class DWIMLAbstractTrainer:
         else:   # resuming in the middle of the epoch; RNG states came from the checkpoint
             n_batches = self._start_sampler_epoch(sampler, epoch, self.batches_done, self._resume_sampler_state)
         self.model.train()
-        bar = tqdm(total=n_batches, initial=self.batches_done, desc=f'epoch {epoch} training', leave=False,
+        bar = progress_bar(total=n_batches, initial=self.batches_done, desc=f'epoch {epoch} training', leave=False,
                    disable=not self._show_progress)
         try:
             if self.batches_done >= n_batches: return
@@ -563,7 +618,9 @@ class DWIMLAbstractTrainer:
                 record = self._train_batch(data)
                 self.batches_done = step + 1
                 now = time.perf_counter()
-                record.update(time_s=now - last, streamlines_per_s=record['nb_streamlines'] / max(now - last, 1e-12))
+                self.elapsed_s += now - last
+                record.update(time_s=now - last, streamlines_per_s=record['nb_streamlines'] / max(now - last, 1e-12),
+                              elapsed_s=self.elapsed_s)
                 last = now
                 self._accumulators['time_s'] += record['time_s']
                 self._batch_log.append(record)
@@ -621,7 +678,7 @@ class DWIMLAbstractTrainer:
         n_batches = self._start_sampler_epoch(sampler, epoch)
         loss_sum = weight_sum = 0.0
         self.model.eval()
-        bar = tqdm(total=n_batches, desc=f'epoch {epoch} validation', leave=False, disable=not self._show_progress)
+        bar = progress_bar(total=n_batches, desc=f'epoch {epoch} validation', leave=False, disable=not self._show_progress)
         try:
             with torch.no_grad():
                 last = time.perf_counter()
@@ -633,10 +690,12 @@ class DWIMLAbstractTrainer:
                     self._check_finite(value, 'validation', _step(data))
                     loss_sum += weighted; weight_sum += weight
                     now = time.perf_counter()
+                    self.elapsed_s += now - last
                     self._batch_log.append({'epoch': epoch, 'batch': _step(data), 'phase': 'valid',
                                             'loss': value, 'weight': weight, 'nb_streamlines': nb_streamlines,
                                             'time_s': now - last,
-                                            'streamlines_per_s': nb_streamlines / max(now - last, 1e-12)})
+                                            'streamlines_per_s': nb_streamlines / max(now - last, 1e-12),
+                                            'elapsed_s': self.elapsed_s})
                     last = now
                     bar.update()
         finally:
@@ -662,7 +721,7 @@ class DWIMLAbstractTrainer:
                   'learning_rate': float(self.optimizer.param_groups[0]['lr']), 'nb_streamlines': acc['nb_streamlines'],
                   'best_valid_loss': self.best_valid_loss, 'best_epoch': self.best_epoch,
                   'patience_count': self.patience_count, 'time_s': acc['time_s'],
-                  'streamlines_per_s': acc['nb_streamlines'] / max(acc['time_s'], 1e-12)}
+                  'streamlines_per_s': acc['nb_streamlines'] / max(acc['time_s'], 1e-12), 'elapsed_s': self.elapsed_s}
         if self.lr_scheduler is not None:
             if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.lr_scheduler.step(criterion)
@@ -699,7 +758,7 @@ class DWIMLAbstractTrainer:
         samplers (class/params/source of each), hdf5_file, sampler_states, model_state,
         optimizer_state, scheduler_state, rng_states, position (epoch, batches_done),
         epoch_accumulators, best_valid_loss, best_epoch, patience_count, history, log_sizes,
-        world_size, rng_states_per_rank. Under torch.distributed every rank must call it (it gathers
+        world_size, rng_states_per_rank, elapsed_s. Under torch.distributed every rank must call it (it gathers
         the RNG states of all ranks).
         """
         samplers = {'training': sampler_spec(self.batch_sampler_training),
@@ -723,7 +782,8 @@ class DWIMLAbstractTrainer:
                 'epoch_accumulators': dict(self._accumulators), 'best_valid_loss': self.best_valid_loss,
                 'best_epoch': self.best_epoch, 'patience_count': self.patience_count,
                 'history': [dict(r) for r in self.history],
-                'log_sizes': {'batches_csv': self._batch_log.size(), 'epochs_csv': self._epoch_log.size()}}
+                'log_sizes': {'batches_csv': self._batch_log.size(), 'epochs_csv': self._epoch_log.size()},
+                'elapsed_s': self.elapsed_s}
 
     def save_checkpoint(self):
         "Write checkpoint/checkpoint.pt and checkpoint/parameters.json atomically."
@@ -797,6 +857,8 @@ class DWIMLAbstractTrainer:
         self.best_valid_loss, self.best_epoch = ckpt['best_valid_loss'], ckpt['best_epoch']
         self.patience_count, self.history = ckpt['patience_count'], [dict(r) for r in ckpt['history']]
         self._log_sizes = dict(ckpt['log_sizes'])
+        # (Checkpoints of older versions have no elapsed_s: their epochs' times are the best guess.)
+        self.elapsed_s = float(ckpt.get('elapsed_s', sum(r.get('time_s', 0.0) for r in self.history)))
         self._resume_sampler_state = dict(ckpt['sampler_states']['training'])
         per_rank = ckpt.get('rng_states_per_rank')
         same_ranks = saved_world_size == world_size and per_rank is not None and len(per_rank) == world_size
@@ -836,6 +898,15 @@ def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, ne
     "A trainer rebuilt from an experiment folder's checkpoint, ready for `train_and_validate()`."
     ckpt = load_checkpoint(experiments_path, experiment_name)
     path = experiment_paths(experiments_path, experiment_name)['checkpoint']
+    for key, what in (('trainer_class', 'trainer class'), ('model_class', 'model class')):
+        module, _, qualname = str(ckpt[key]).partition(':')
+        if module == '__main__':
+            raise CheckpointError(
+                f"the {what} {qualname} was defined in the script or notebook that trained it (__main__), which "
+                f'cannot be imported from here: resume in that script or notebook with '
+                f'{ckpt["trainer_class"].partition(":")[2]}.init_from_checkpoint(model, {str(experiments_path)!r}, '
+                f'{str(experiment_name)!r}, training_sampler, validation_sampler, new_max_epochs=...), '
+                'or move the class into a module', file=path)
     trainer_cls = import_class(ckpt['trainer_class'], 'trainer class', file=path, base=DWIMLAbstractTrainer)
     model_cls = import_class(ckpt['model_class'], 'model class', file=path, base=torch.nn.Module)
     if ckpt['model_params'] is None:
@@ -848,19 +919,26 @@ def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, ne
 
 
 def _resume(argv):
-    parser = argparse.ArgumentParser(
-        prog='dwiml_resume_training_from_checkpoint',
-        description='Continue an experiment exactly where its latest checkpoint stands.')
+    parser = cli_parser('dwiml_resume_training_from_checkpoint',
+                        'Continue an experiment exactly where its latest checkpoint stands. The model and trainer '
+                        'classes must be importable (defined in a module, not in the script or notebook that '
+                        'trained it), and the model must have get_params().')
     parser.add_argument('experiments_path', help='folder holding the experiments')
     parser.add_argument('experiment_name', help='name of the experiment (a subfolder of experiments_path)')
-    parser.add_argument('--new_max_epochs', type=int, help='train up to this many epochs in total')
-    parser.add_argument('--new_patience', type=int, help='new early-stopping patience (epochs)')
-    parser.add_argument('--num_workers', type=int, help='DataLoader workers (does not change results)')
+    parser.add_argument('--new_max_epochs', type=int,
+                        help='train up to this many epochs in total (None: the max_epochs of the checkpoint)')
+    parser.add_argument('--new_patience', type=int,
+                        help='new early-stopping patience in epochs (None: the patience of the checkpoint)')
+    parser.add_argument('--num_workers', type=int,
+                        help='DataLoader workers; results do not depend on it (None: as in the checkpoint)')
+    parser.add_argument('--num_threads', type=int,
+                        help="torch threads while training (None: as in the checkpoint, else half the cores the "
+                             'workers leave)')
     parser.add_argument('--no_progress', action='store_true', help='hide progress bars')
-    parser.add_argument('-v', '--verbose', action='store_true')
+    parser.add_argument('-v', '--verbose', action='store_true', help='debug messages')
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    overrides = {} if args.num_workers is None else {'num_workers': args.num_workers}
+    overrides = {k: getattr(args, k) for k in ('num_workers', 'num_threads') if getattr(args, k) is not None}
     trainer = resume_experiment(args.experiments_path, args.experiment_name, args.new_max_epochs,
                                 args.new_patience, progress=not args.no_progress, **overrides)
     trainer.train_and_validate()

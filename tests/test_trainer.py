@@ -255,13 +255,26 @@ def test_checkpoint_of_another_version_or_model_is_refused_and_kept(one_epoch):
 def test_resume_script_refuses_a_model_class_it_cannot_import(one_epoch, capsys):
     path, ckpt_file = one_epoch
     ckpt = torch.load(ckpt_file, weights_only=True)
+    ckpt['model_class'] = 'no_such_module_here:Model'
+    torch.save(ckpt, ckpt_file)
+    with pytest.raises(SystemExit) as exit_:
+        resume_main([str(path), 'exp', '--new_max_epochs', '2', '--no_progress'])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot import the model class 'no_such_module_here:Model'" in err and 'Traceback' not in err
+
+
+def test_resume_script_says_how_to_resume_a_class_of_a_notebook(one_epoch, capsys):
+    path, ckpt_file = one_epoch
+    ckpt = torch.load(ckpt_file, weights_only=True)
     ckpt['model_class'] = '__main__:NotebookModel'
     torch.save(ckpt, ckpt_file)
     with pytest.raises(SystemExit) as exit_:
         resume_main([str(path), 'exp', '--new_max_epochs', '2', '--no_progress'])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "cannot import the model class '__main__:NotebookModel'" in err and 'Traceback' not in err
+    assert 'the model class NotebookModel was defined in the script or notebook that trained it' in err
+    assert '.init_from_checkpoint(model, ' in err and 'Traceback' not in err
 
 
 def test_nan_loss_stops_with_position_and_keeps_last_good_checkpoint(tmp_path):

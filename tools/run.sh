@@ -116,14 +116,22 @@ run_tests() {
 
 demo() {
   # The main job: build the demo data, then run the training notebook on it with papermill.
+  # --log-output streams what the notebook prints (one line per epoch) to this terminal.
   local out=${DWIML_DEMO_DIR:-$ROOT/demo} runs=${DWIML_RUNS_DIR:-$ROOT/runs}
   "$VENV/bin/dwiml_make_demo_dataset" "$out" --overwrite --quiet
   "$VENV/bin/dwiml_describe_hdf5" "$out/phantom.hdf5"
   mkdir -p "$runs"
-  log "training the example model (nbs/train_model.ipynb with papermill; under a minute on 2 cores)"
-  "$VENV/bin/papermill" nbs/train_model.ipynb "$runs/train_model.ipynb" -k python3 --log-level WARNING \
+  log "training the example model (nbs/train_model.ipynb with papermill; about a minute on 2 cores)"
+  local status=0
+  "$VENV/bin/papermill" nbs/train_model.ipynb "$runs/train_model.ipynb" -k python3 --log-output --no-progress-bar \
     -p hdf5_file "$out/phantom.hdf5" -p experiments_path "$runs/experiments" \
-    -p experiment_name demo -p overwrite True "$@"
+    -p experiment_name demo -p overwrite True -p progress False "$@" 2>&1 | tee "$runs/papermill.log" | demo_filter \
+    || status=$?
+  if [ "$status" != 0 ]; then
+    tail -n 40 "$runs/papermill.log" >&2
+    log "FAIL: the training notebook stopped (full output: $runs/papermill.log, notebook: $runs/train_model.ipynb)"
+    return "$status"
+  fi
   local exp="$runs/experiments/demo"
   "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("\nvalidation angular error: untrained model %.1f deg, trained model %.1f deg (%d epochs)" % (r["validation_angular_error_untrained_deg"], r["validation_angular_error_best_model_deg"], r["epochs_trained"]))' "$exp/results.json"
   cat <<EOM
@@ -138,6 +146,12 @@ Continue it:  .venv/bin/papermill nbs/train_model.ipynb $runs/resume.ipynb -k py
                 -p hdf5_file $out/phantom.hdf5 -p experiments_path $runs/experiments \\
                 -p experiment_name demo -p resume True -p max_epochs 12
 EOM
+}
+
+# papermill's --log-output prints every output of the notebook (the text forms of widgets
+# included): show the notebook's log lines and results as they come.
+demo_filter() {
+  grep --line-buffered -E '^(INFO|WARNING|ERROR) |^(data|experiments): |^untrained model|^[0-9]+ training and' || true
 }
 
 cmd=${1:-}

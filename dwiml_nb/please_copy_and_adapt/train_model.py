@@ -5,14 +5,13 @@
 # %% ../../nbs/10_train_model_script.ipynb 2
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from ..core import ConfigError, atomic_write, run_cli, setup_logging
+from ..core import ConfigError, atomic_write, cli_parser, run_cli, setup_logging
 from ..dataset import MultiSubjectDataset
 from ..interpolation import neighborhood_offsets
 from ..models import DirectionGetterModel, angular_error_degrees, compute_loss_on_batch, direction_targets
@@ -88,9 +87,9 @@ def _device(name):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        prog='dwiml_train_model', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description='Train the example direction-getter model on an HDF5 dataset (the script twin of '
+    p = cli_parser(
+        'dwiml_train_model',
+        'Train the example direction-getter model on an HDF5 dataset (the script twin of '
                     'nbs/train_model.ipynb). Resume later with dwiml_resume_training_from_checkpoint.')
     p.add_argument('experiments_path', help='Folder holding the experiments.')
     p.add_argument('experiment_name', help='Name of this experiment (a sub-folder of experiments_path).')
@@ -102,34 +101,47 @@ def build_parser():
     g.add_argument('--cache_size', type=int, default=2, help='Volumes kept per process in lazy mode.')
     g.add_argument('--batch_size', type=int, default=100, help='Streamlines per batch.')
     g.add_argument('--step_size', type=float, default=1.0, help='Resampling step in mm (0: no resampling).')
-    g.add_argument('--neighborhood_type', choices=['none', 'axes', 'grid'], default='axes')
-    g.add_argument('--neighborhood_radius', type=int, default=1)
-    g.add_argument('--split_ratio', type=float, default=0.3)
-    g.add_argument('--reverse_ratio', type=float, default=0.5)
-    g.add_argument('--noise_gaussian_size', type=float, default=0.1, help='mm, on the points.')
+    g.add_argument('--neighborhood_type', choices=['none', 'axes', 'grid'], default='axes',
+                   help='Also interpolate the inputs at neighbours of each point: along the axes (6r+1 points) '
+                        'or on a grid ((2r+1)^3 points).')
+    g.add_argument('--neighborhood_radius', type=int, default=1, help='Neighbourhood radius, in voxels.')
+    g.add_argument('--split_ratio', type=float, default=0.3,
+                   help='Fraction of training streamlines cut in two at a random point.')
+    g.add_argument('--reverse_ratio', type=float, default=0.5, help='Fraction of training streamlines reversed.')
+    g.add_argument('--noise_gaussian_size', type=float, default=0.1,
+                   help='Std of the Gaussian noise added to the training points, in mm (0: none).')
     g = p.add_argument_group('model')
-    g.add_argument('--hidden_size', type=int, default=64)
-    g.add_argument('--nb_layers', type=int, default=1)
-    g.add_argument('--rnn', choices=['lstm', 'gru'], default='lstm')
+    g.add_argument('--hidden_size', type=int, default=64, help='Units of the recurrent layers.')
+    g.add_argument('--nb_layers', type=int, default=1, help='Number of recurrent layers.')
+    g.add_argument('--rnn', choices=['lstm', 'gru'], default='lstm', help='Recurrent layer type.')
     g = p.add_argument_group('training')
-    g.add_argument('--max_epochs', type=int, default=10)
-    g.add_argument('--learning_rate', type=float, default=3e-3)
-    g.add_argument('--weight_decay', type=float, default=0.)
-    g.add_argument('--optimizer', choices=['Adam', 'AdamW', 'RAdam', 'SGD'], default='Adam')
-    g.add_argument('--clip_grad', type=float, default=1.0)
-    g.add_argument('--patience', type=int, default=None)
-    g.add_argument('--max_batches_per_epoch_training', type=int, default=None)
-    g.add_argument('--max_batches_per_epoch_validation', type=int, default=None)
-    g.add_argument('--checkpoint_every_n_batches', type=int, default=None)
-    g.add_argument('--num_workers', type=int, default=0)
+    g.add_argument('--max_epochs', type=int, default=10, help='Epochs to train.')
+    g.add_argument('--learning_rate', type=float, default=3e-3, help="The optimizer's learning rate.")
+    g.add_argument('--weight_decay', type=float, default=0., help="The optimizer's weight decay.")
+    g.add_argument('--optimizer', choices=['Adam', 'AdamW', 'RAdam', 'SGD'], default='Adam', help='Optimizer.')
+    g.add_argument('--clip_grad', type=float, default=1.0,
+                   help="Clip the gradient's total L2 norm to this value (0: no clipping).")
+    g.add_argument('--patience', type=int, default=None,
+                   help='Stop after this many epochs without improvement of the validation loss (None: never).')
+    g.add_argument('--max_batches_per_epoch_training', type=int, default=None,
+                   help='Cut training epochs to this many batches (None: every streamline once).')
+    g.add_argument('--max_batches_per_epoch_validation', type=int, default=None,
+                   help='Cut validation epochs to this many batches (None: every streamline once).')
+    g.add_argument('--checkpoint_every_n_batches', type=int, default=None,
+                   help='Also checkpoint in the middle of epochs, every N training batches (None: at epoch ends).')
+    g.add_argument('--num_workers', type=int, default=0,
+                   help='DataLoader worker processes (results do not depend on it).')
+    g.add_argument('--num_threads', type=int, default=None,
+                   help="torch threads while training (None: OMP_NUM_THREADS if set, else half of the cores the "
+                        'workers leave).')
     g.add_argument('--device', default='auto', help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    g.add_argument('--seed', type=int, default=1234)
+    g.add_argument('--seed', type=int, default=1234, help='Seed of every random draw (batches, augmentation, model).')
     g.add_argument('--overwrite', action='store_true', help='Replace an existing experiment folder.')
-    g.add_argument('--no_progress', action='store_true')
+    g.add_argument('--no_progress', action='store_true', help='Hide progress bars.')
     g.add_argument('--tracker', choices=['none', 'tensorboard', 'comet'], default='none',
                    help='Also send the curves to TensorBoard (<experiment>/tensorboard) or Comet (offline '
                         'archive unless an API key is configured); the package must be installed.')
-    p.add_argument('-v', '--verbose', action='store_true')
+    p.add_argument('-v', '--verbose', action='store_true', help='Debug messages.')
     return p
 
 
@@ -159,7 +171,8 @@ def train_model(args):
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
         max_batches_per_epoch_training=args.max_batches_per_epoch_training,
         max_batches_per_epoch_validation=args.max_batches_per_epoch_validation, patience=args.patience,
-        clip_grad=args.clip_grad, num_workers=args.num_workers, device=device, seed=args.seed,
+        clip_grad=args.clip_grad or None, num_workers=args.num_workers, num_threads=args.num_threads,
+        device=device, seed=args.seed,
         checkpoint_every_n_batches=args.checkpoint_every_n_batches, overwrite=args.overwrite,
         progress=not args.no_progress, callbacks=[] if args.tracker == 'none' else [make_tracker(args.tracker)])
     trainer.train_and_validate()
