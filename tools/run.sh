@@ -15,7 +15,8 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 install_system_packages() {
   # FURY 2 renders through wgpu/Vulkan: headless rendering needs Mesa's software Vulkan driver.
   local missing=()
-  # Chromium (headless) turns Plotly figures and exported notebooks into PNG files.
+  # Chromium (headless) turns Plotly figures into PNG files and is the browser of the front-end tests
+  # (tests/frontend/, driven by playwright: never a downloaded browser).
   for pkg in mesa-vulkan-drivers libvulkan1 chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
@@ -26,27 +27,6 @@ install_system_packages() {
   fi
   log "installing system packages: ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-}
-
-JS_DIR=$VENV/share/dwiml-nb/js
-fetch_js_assets() {
-  # The JavaScript that renders saved widget state in an exported notebook page, kept inside the
-  # venv so that exported pages and their tests never reach a CDN at run time.
-  [ -f "$JS_DIR/embed-amd.js" ] && [ -f "$JS_DIR/require.js" ] && return 0
-  if ! command -v npm >/dev/null; then
-    log "warning: npm missing: exported notebook pages will not render widgets offline"
-    return 0
-  fi
-  local tmp
-  tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack --silent @jupyter-widgets/html-manager@1 requirejs@2 >/dev/null) || {
-    log "warning: npm pack failed: exported notebook pages will not render widgets offline"; rm -rf "$tmp"; return 0; }
-  mkdir -p "$JS_DIR"
-  tar -xzf "$tmp"/jupyter-widgets-html-manager-*.tgz -C "$tmp" package/dist/embed-amd.js
-  cp "$tmp/package/dist/embed-amd.js" "$JS_DIR/"
-  tar -xzf "$tmp"/requirejs-*.tgz -C "$tmp" package/require.js
-  cp "$tmp/package/require.js" "$JS_DIR/"
-  rm -rf "$tmp"
 }
 
 setup() {
@@ -65,7 +45,6 @@ setup() {
   "$PY" -m pip install -q "torch==2.13.0" 2> >(grep -v 'WARNING: Location' >&2)
   log "installing dwiml-nb and its dev tools"
   "$PY" -m pip install -q -c constraints.txt -e ".[dev]" 2> >(grep -v 'WARNING: Location' >&2)
-  fetch_js_assets
   # A kernel spec inside the venv, so that papermill and nbdev run notebooks with this Python.
   "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (dwiml-nb)" >/dev/null
   echo "$want" > "$stamp"
@@ -111,7 +90,9 @@ run_tests() {
   log "nbdev notebook tests"
   "$VENV/bin/nbdev_test" --n_workers 2 --skip_file_glob 'train_model.ipynb' || { log "FAIL: nbdev notebook tests"; return 1; }
   log "pytest"
-  "$PY" -m pytest -n 2 -q tests "$@"
+  # --dist loadscope: a module's tests stay in one worker, so a module-scoped fixture (a training
+  # run, a JupyterLab server) is built once.
+  "$PY" -m pytest -n 2 --dist loadscope -q tests "$@"
 }
 
 demo() {
