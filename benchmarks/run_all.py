@@ -22,6 +22,7 @@ BENCHMARKS = {
     'loader': ('bench_loader.py', 'The full `load_batch` (read + resample + augment + interpolate)'),
     'dataset': ('bench_dataset.py', 'Lazy vs RAM datasets: memory and streamline reads'),
     'training': ('bench_training.py', 'Training the example model on the demo phantom'),
+    'threads': ('bench_threads.py', "torch's default thread count vs the trainer's choice"),
     'distributed': ('bench_distributed.py', '2 processes vs 1 (torch.distributed, gloo, CPU)'),
     'memory': ('bench_memory.py', 'Memory over a long run (leak check)'),
 }
