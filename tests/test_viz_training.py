@@ -1,5 +1,6 @@
 """dwiml_visualize_logs and the live chart on real experiment folders written by the real trainer."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,12 +122,15 @@ def test_live_chart_outside_jupyter_costs_nothing_and_follows_a_resume(tmp_path)
                                               first.batch_sampler_validation, new_max_epochs=2, progress=False,
                                               callbacks=[chart, resumed])
     trainer.train_and_validate()
-    assert chart.figure is None and chart.trace_lengths() == {}
+    assert chart.widget is None and chart.trace_lengths() == {}
     # The resumed chart starts from the logs of epoch 0 and adds epoch 1.
     lengths = resumed.trace_lengths()
     train_rows = pd.read_csv(tmp_path / 'other' / 'logs' / 'batches.csv').query("phase == 'train'")
     assert lengths['train loss (per batch)'] == len(train_rows) == 10
     assert lengths['validation loss (epoch)'] == 2
+    # Its time axis goes on across the resume (the trainer's elapsed_s).
+    t = resumed.logs().train.t.to_numpy()
+    assert (np.diff(t) > 0).all()
 
 
 def test_importing_and_the_no_display_callback_do_not_import_plotly(tmp_path):
@@ -139,3 +143,67 @@ def test_importing_and_the_no_display_callback_do_not_import_plotly(tmp_path):
     run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ['5', 'False']
+
+
+def _fig_from_html(page):
+    "The figure JSON that plotly's write_html put in the page."
+    import json
+    import re
+    call = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"responsive', page, re.S)
+    return json.loads(call.group(1)), json.loads(call.group(2))
+
+
+def test_runs_are_named_by_their_shortest_distinct_path_and_legends_stay_short(experiments, tmp_path):
+    import shutil
+    for parent in ('a', 'b'):
+        shutil.copytree(experiments / 'adam_fast', tmp_path / parent / 'run1')
+    shutil.copytree(experiments / 'adam_slow', tmp_path / 'b' / 'run2')
+    run = _cli(tmp_path / 'a' / 'run1', tmp_path / 'b' / 'run1', tmp_path / 'b' / 'run2', '--save', tmp_path / 'o.html')
+    assert run.returncode == 0, run.stderr
+    data, layout = _fig_from_html((tmp_path / 'o.html').read_text())
+    runs = [t['name'] for t in data if t.get('showlegend') is not False and t.get('legend') != 'legend2']
+    assert runs == ['a/run1', 'b/run1', 'run2']
+    styles = [t['name'] for t in data if t.get('legend') == 'legend2']
+    assert len(styles) == 5   # one legend entry per run, plus the key of line styles
+    assert 'a/run1: validation loss (epoch)' in [t['name'] for t in data]   # hover still names run and curve
+
+
+def test_angle_and_time_axis(experiments, tmp_path):
+    run = _cli(experiments / 'adam_fast', '--save', tmp_path / 'o.html', '--angle', '--x', 'time', '--smooth', 1)
+    assert run.returncode == 0, run.stderr
+    data, layout = _fig_from_html((tmp_path / 'o.html').read_text())
+    batches = pd.read_csv(experiments / 'adam_fast' / 'logs' / 'batches.csv').query("phase == 'train'")
+    raw = next(t for t in data if t['name'] == 'adam_fast: train loss (per batch)')
+    from dwiml_nb.viz_training import _plain_arrays
+    raw = _plain_arrays(dict(raw))
+    np.testing.assert_allclose(raw['y'], np.degrees(np.arccos(1 - batches.loss)))
+    np.testing.assert_allclose(raw['x'], batches.elapsed_s)
+    assert layout['xaxis']['title']['text'] == 'training time (s)'
+    assert any(a['text'] == 'angular error (degrees)' for a in layout['annotations'])
+
+
+def test_every_help_option_has_text_and_default():
+    run = _cli('--help')
+    assert run.returncode == 0
+    options = run.stdout.split('options:')[1]
+    # One block per option: from a line starting with '-' to the next one.
+    blocks = {m.group(1): ' '.join(m.group(0).split())
+              for m in re.finditer(r'^ +(-[-\w]+)(?:, (--[-\w]+))?.*?(?=^ +-|\Z)', options, re.S | re.M)}
+    blocks = {k.split(', ')[-1]: v for k, v in blocks.items()}
+    expected = {'--save': '[]', '--smooth': '20', '--x': 'epoch', '--angle': 'False', '--log': 'False',
+                '--size': '(1400, 800)', '-v': 'False'}
+    for option, default in expected.items():
+        block = blocks[option]
+        assert block.endswith(f'(default: {default})'), block
+        assert len(block.split()) > 4, block   # a sentence, not only the option's name
+
+
+def test_live_chart_after_the_run_is_a_plain_figure_bundle(tmp_path):
+    "The chart's end: the widget closed and emptied (nothing big to save), `figure()` for the static output."
+    torch.set_num_threads(1)
+    chart = LiveTrainingChart(smooth=2, display=True)
+    make_toy_trainer(tmp_path, 'run', max_epochs=2, callbacks=[chart]).train_and_validate()
+    chart.on_train_end(None)   # a second call does nothing
+    assert chart.widget is None
+    fig = chart.figure()
+    assert [t.name for t in fig.data if t.showlegend is not False and t.legend != 'legend2'] == ['run']
