@@ -6,13 +6,21 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import base64
 import copy
 import io
+import itertools
 import logging
 import os
+import shutil
+import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +32,14 @@ logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_COLORS', 'STAGES', 'COLOR_MODES', 'SLICE_AXES',
-           'LIVE_CHOICES', 'hsv_to_rgb', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
+           'DIRECTION_KEY', 'STAGE_TEXT', 'DRAWINGS', 'ORIENTATION_LABELS', 'LIVE_CHOICES', 'STAGE_OPTIONS',
+           'ALL_SUBJECTS', 'hsv_to_rgb', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
            'colors_by_direction', 'colormap', 'feature_range', 'colors_by_feature', 'augmentation_labels',
-           'sampler_variant', 'batch_parts', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'check_rendering',
-           'view_direction', 'render_view', 'png_bytes', 'save_png', 'render_batch_png', 'live_canvas_problem',
-           'LiveCanvas', 'BatchInspector', 'visualize_batch_main']
+           'sampler_variant', 'batch_parts', 'voxel_to_world', 'world_to_voxel_index', 'densest_slice', 'Legend',
+           'legend_html', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'ensure_runtime_dir',
+           'check_rendering', 'view_direction', 'slice_plane', 'orientation_positions', 'render_view', 'png_bytes',
+           'save_png', 'annotate', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas',
+           'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
 def hsv_to_rgb(hsv):
@@ -210,14 +221,150 @@ def _set_name(sampler):
     return getattr(sampler.source_data, 'set_name', None) or 'sampled'
 
 # %% ../nbs/09_viz_batch.ipynb
+def voxel_to_world(points, affine):
+    """RAS+ mm of points in voxel space with corner origin (the centre of voxel ``i`` is at ``i + 0.5``).
+
+    Parameters
+    ----------
+    points : array_like (N, 3)
+    affine : array_like (4, 4)
+        Voxel index (centre) to RAS+ mm, as in NIfTI and `StreamlineGroupInfo.affine`.
+
+    Returns
+    -------
+    ndarray of float32 (N, 3)
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    return ((np.asarray(points, np.float64).reshape(-1, 3) - 0.5) @ affine[:3, :3].T + affine[:3, 3]).astype(np.float32)
+
+
+def world_to_voxel_index(points, affine):
+    "Continuous voxel indices (voxel centres at integers) of RAS+ mm `points` in the grid of `affine`."
+    affine = np.asarray(affine, dtype=np.float64)
+    return (np.asarray(points, np.float64).reshape(-1, 3) - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+
+
+def densest_slice(streams, axis, shape, affine):
+    """Index of the slice along voxel `axis` crossed by the most streamlines (the first slice to show).
+
+    Parameters
+    ----------
+    streams : PackedStreamlines
+        In RAS+ mm.
+    axis : int
+        0, 1 or 2: the voxel axis of the volume.
+    shape : sequence of int
+        The volume's shape (at least 3 values).
+    affine : array_like (4, 4)
+        The volume's affine (voxel index to RAS+ mm).
+
+    Returns
+    -------
+    int
+        The middle slice when no streamline crosses the volume.
+    """
+    size = int(shape[axis])
+    points = np.asarray(streams.data)[ranges_to_indices(streams.offsets, streams.lengths)]
+    index = np.floor(world_to_voxel_index(points, affine)[:, axis] + 0.5).astype(np.int64)
+    owner = np.repeat(np.arange(len(streams)), streams.lengths)
+    inside = (index >= 0) & (index < size)
+    crossed = np.unique(owner[inside] * size + index[inside]) % size
+    counts = np.bincount(crossed, minlength=size)
+    return int(np.argmax(counts)) if counts.max(initial=0) > 0 else size // 2
+
+
+def _batch_in_world(sampler, batch):
+    "The same batch with its points in RAS+ mm (the streamline group's affine of each subject)."
+    streams = batch.streamlines
+    rows = ranges_to_indices(streams.offsets, streams.lengths)
+    owner = np.empty(len(streams.data), np.int64)
+    owner[rows] = np.repeat(np.asarray(batch.subject_ids, np.int64), streams.lengths)
+    data = np.array(streams.data, dtype=np.float32)
+    for subject in np.unique(batch.subject_ids):
+        affine = sampler.source_data.get_streamline_info(int(subject), sampler.streamline_group).affine
+        mine = rows[owner[rows] == subject]
+        data[mine] = voxel_to_world(streams.data[mine], affine)
+    return replace(batch, streamlines=PackedStreamlines(data, streams.offsets, streams.lengths))
+
+# %% ../nbs/09_viz_batch.ipynb
+@dataclass
+class Legend:
+    """The key of one colouring.
+
+    Attributes
+    ----------
+    title : str
+    items : list of (str, (r, g, b))
+        Categories and their colour (RGB in [0, 1]).
+    ramp : (float, float) or None
+        A colour bar from low to high (`colormap`), for a continuous value.
+    note : str
+        One more line (e.g. 'one colour per streamline').
+    """
+    title: str
+    items: list = field(default_factory=list)
+    ramp: tuple | None = None
+    note: str = ''
+
+
+DIRECTION_KEY = [('x: left-right (R/L)', (1.0, 0.0, 0.0)), ('y: anterior-posterior (A/P)', (0.0, 1.0, 0.0)),
+                 ('z: superior-inferior (S/I)', (0.0, 0.0, 1.0))]
+STAGE_TEXT = {'stored': 'as stored', 'before': 'before augmentation', 'after': 'after augmentation',
+              'both': 'after augmentation, over before (grey)'}
+
+
+def _legend(color_by, shown, subjects, feature, value_range, stage):
+    if color_by == 'streamline':
+        legend = Legend('colour by streamline', note=f'one colour per streamline ({len(shown)} streamlines)')
+    elif color_by == 'subject':
+        ids = np.unique(shown.subject_ids)
+        palette = categorical_palette(int(ids.max()) + 1 if len(ids) else 0)
+        legend = Legend('colour by subject', [(subjects[i], tuple(palette[i].tolist())) for i in ids])
+    elif color_by == 'direction':
+        legend = Legend('colour by direction (|unit tangent|, RAS+)', list(DIRECTION_KEY))
+    elif color_by == 'feature':
+        legend = Legend(f'colour by input feature {feature}', ramp=value_range, note='2nd to 98th percentile')
+    else:
+        legend = Legend('colour by augmentation', [(l, tuple(c.tolist())) for l, c in zip(AUGMENTATION_LABELS, AUGMENTATION_COLORS)])
+    if stage == 'both':
+        legend.items.append(('before augmentation', (0.8, 0.8, 0.8)))
+    return legend
+
+
+def legend_html(legend):
+    "The key as HTML (swatches or a colour bar) for an `ipywidgets.HTML` beside the canvas."
+    swatch = lambda c: ('<span style="display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;'
+                        f'border:1px solid #999;background:{_css(c)}"></span>')
+    parts = [f'<b>{_html_escape(legend.title)}</b>']
+    parts += [f'<span style="white-space:nowrap;margin-right:10px">{swatch(c)}{_html_escape(l)}</span>'
+              for l, c in legend.items]
+    if legend.ramp is not None:
+        stops = ', '.join(_css(c) for c in colormap(np.linspace(0, 1, 11)))
+        parts.append(f'<span style="white-space:nowrap">{legend.ramp[0]:.3g} <span style="display:inline-block;'
+                     f'width:140px;height:12px;vertical-align:middle;background:linear-gradient(to right, {stops})">'
+                     f'</span> {legend.ramp[1]:.3g}</span>')
+    if legend.note:
+        parts.append(f'<i>{_html_escape(legend.note)}</i>')
+    return '<div style="line-height:1.6">' + ' '.join(parts) + '</div>'
+
+
+def _css(rgb):
+    r, g, b = (int(round(255 * float(v))) for v in rgb[:3])
+    return f'rgb({r},{g},{b})'
+
+
+def _html_escape(text):
+    return str(text).replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+
+# %% ../nbs/09_viz_batch.ipynb
 @dataclass
 class BatchView:
-    """What one picture of a batch shows (numpy only; `render_view` draws it).
+    """What one picture of a batch shows (numpy only; `render_view` draws it), in RAS+ mm.
 
     Attributes
     ----------
     streamlines : PackedStreamlines
-        The streamlines drawn in colour (contiguous, voxel space, corner origin).
+        The streamlines drawn in colour (contiguous, RAS+ mm: every subject through its affine).
     colors : ndarray of float32 (nb_points, 3)
         RGB in [0, 1] of every point of `streamlines`.
     underlay : PackedStreamlines or None
@@ -225,9 +372,15 @@ class BatchView:
     slice_image : ndarray of float32 (X, Y, Z) or None
         The volume whose slice is drawn under the streamlines.
     slice_axis, slice_index : int or None
-        Axis (0, 1, 2) and voxel index of that slice.
+        Voxel axis (0, 1, 2) and voxel index of that slice.
+    slice_affine : ndarray (4, 4) or None
+        Voxel index to RAS+ mm of `slice_image` (the affine of the slice's subject).
+    slice_group, slice_subject : str, int or None
+        The volume group and the subject (index) of the slice.
     title : str
-        One line saying which batch, stage and colouring this is.
+        Subset, subject, batch, stage, colouring, feature and slice, in one line.
+    legend : Legend or None
+        The key of the colouring.
     """
     streamlines: PackedStreamlines
     colors: np.ndarray
@@ -235,7 +388,11 @@ class BatchView:
     slice_image: np.ndarray | None = None
     slice_axis: int | None = None
     slice_index: int | None = None
+    slice_affine: np.ndarray | None = None
+    slice_group: str | None = None
+    slice_subject: int | None = None
     title: str = ''
+    legend: Legend | None = None
 
 # %% ../nbs/09_viz_batch.ipynb
 def _subject_parts(sampler, parts, subject):
@@ -251,15 +408,15 @@ def _subject_parts(sampler, parts, subject):
     return kept
 
 
-def _point_colors(color_by, shown, before, after, feature):
-    "Per-point colours of `shown` (one of before/after, or the stored batch)."
+def _point_colors(color_by, shown, before, after, feature, is_after):
+    "Per-point colours of `shown` (before/after/stored, `is_after`: it is `after`), and the feature's range."
     streams = shown.streamlines
     if color_by == 'streamline':
-        return colors_by_streamline(streams.lengths)
+        return colors_by_streamline(streams.lengths), None
     if color_by == 'subject':
-        return colors_by_subject(shown.subject_ids, streams.lengths)
+        return colors_by_subject(shown.subject_ids, streams.lengths), None
     if color_by == 'direction':
-        return colors_by_direction(streams)
+        return colors_by_direction(streams), None
     if color_by == 'feature':
         if shown.inputs is None:
             raise ConfigError("color_by='feature' needs a sampler with an input group "
@@ -267,13 +424,15 @@ def _point_colors(color_by, shown, before, after, feature):
         nb_columns = shown.inputs.shape[1]
         if not 0 <= feature < nb_columns:
             raise ConfigError(f'feature {feature} does not exist: the inputs have {nb_columns} columns (0 to {nb_columns - 1})')
-        return colors_by_feature(shown.inputs[:, feature].numpy())
+        values = shown.inputs[:, feature].numpy()
+        value_range = feature_range(values)
+        return colors_by_feature(values, value_range), value_range
     labels = augmentation_labels(before, after)
-    if shown is not after:  # a stored streamline shows everything that happened to its pieces
+    if not is_after:  # a stored streamline shows everything that happened to its pieces
         per_source = np.zeros(len(before), dtype=np.int64)
         np.bitwise_or.at(per_source, _source_index(before, after), labels)
         labels = per_source
-    return np.repeat(AUGMENTATION_COLORS[labels], streams.lengths, axis=0)
+    return np.repeat(AUGMENTATION_COLORS[labels], streams.lengths, axis=0), None
 
 
 def _source_index(before, after):
@@ -284,7 +443,7 @@ def _source_index(before, after):
 # %% ../nbs/09_viz_batch.ipynb
 def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', feature=0, subject=None,
                     slice_axis=None, slice_index=None, slice_group=None, slice_feature=None):
-    """Load one batch as the picture will show it.
+    """Load one batch as the picture will show it, every subject in RAS+ mm.
 
     Parameters
     ----------
@@ -299,12 +458,11 @@ def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', fea
     subject : int, optional
         Show only this subject (index in the subset).
     slice_axis : {None, 'x', 'y', 'z', 0, 1, 2}
-        Draw a slice of a volume under the streamlines.
+        Draw a slice of a volume under the streamlines (a voxel axis of that volume).
     slice_index : int, optional
-        Voxel index of the slice (default: under most of the streamlines, at the 10th percentile of
-        their points along the axis).
+        Voxel index of the slice (default: the slice crossed by most streamlines, `densest_slice`).
     slice_group : str, optional
-        Volume group of the slice (default the sampler's input group).
+        Volume group of the slice (default the sampler's input group, else the first volume group).
     slice_feature : int, optional
         Feature of the slice volume (default: the root mean square of all its features, which
         shows where there is signal whatever the features are).
@@ -312,6 +470,7 @@ def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', fea
     Returns
     -------
     BatchView
+        The slice is the volume of `subject` (of the batch's first subject when all are shown).
 
     Raises
     ------
@@ -333,12 +492,20 @@ def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', fea
         shown = before if stage == 'before' else after
     if len(shown) == 0:
         raise DataError('this batch has no streamlines', group=sampler.streamline_group, file=_hdf5_name(sampler))
-    colors = _point_colors(color_by, shown, before, after, int(feature))
-    view = BatchView(shown.streamlines, colors, before.streamlines if stage == 'both' else None,
-                     title=f'{_set_name(sampler)} set, epoch {after.epoch}, batch {after.batch_index}: '
-                           f'{len(shown)} streamlines, {shown.nb_points} points, {stage}, colour by {color_by}')
+    is_after = shown is after
+    shown, before_world = _batch_in_world(sampler, shown), _batch_in_world(sampler, before)
+    colors, value_range = _point_colors(color_by, shown, before, after, int(feature), is_after)
+    subjects = sampler.source_data.subjects
+    view = BatchView(shown.streamlines, colors, before_world.streamlines if stage == 'both' else None,
+                     legend=_legend(color_by, shown, subjects, int(feature), value_range, stage))
     if slice_axis is not None:
         _add_slice(view, sampler, parts, slice_axis, slice_index, slice_group, slice_feature)
+    who = 'all subjects' if subject is None else f'subject {subjects[subject]}'
+    colouring = f'feature {int(feature)}' if color_by == 'feature' else color_by
+    where = '' if view.slice_image is None else (
+        f" · slice {'xyz'[view.slice_axis]}={view.slice_index} of {view.slice_group} ({subjects[view.slice_subject]})")
+    view.title = (f'{_set_name(sampler)} set · {who} · epoch {after.epoch} batch {after.batch_index} · '
+                  f'{STAGE_TEXT[stage]} · colour by {colouring}{where} · {len(shown)} streamlines, {shown.nb_points} points')
     return view
 
 
@@ -346,25 +513,27 @@ def _add_slice(view, sampler, parts, axis, index, group, feature):
     axis = SLICE_AXES.get(axis, axis)
     if axis not in (0, 1, 2):
         raise ConfigError(f"slice_axis must be one of None, 'x', 'y', 'z', 0, 1, 2, got {axis!r}")
-    group = group or getattr(sampler, 'input_group', None)
+    data = sampler.source_data
+    group = group or getattr(sampler, 'input_group', None) or (data.volume_groups[0] if data.volume_groups else None)
     if group is None:
-        raise ConfigError('a slice needs a volume group: give slice_group (this sampler has no input group)')
+        raise ConfigError('a slice needs a volume group and this dataset has none', file=_hdf5_name(sampler))
     subject = parts[0].subject_index
-    volume = sampler.source_data.get_volume(subject, group)
-    volume = np.asarray(volume, dtype=np.float32)
+    volume = np.asarray(data.get_volume(subject, group), dtype=np.float32)
     if feature is None:
         image = np.sqrt(np.mean(np.square(volume), axis=-1))
     elif 0 <= int(feature) < volume.shape[-1]:
         image = volume[..., int(feature)]
     else:
         raise ConfigError(f'slice feature {feature} does not exist (the volume has {volume.shape[-1]} features)',
-                          subject=sampler.source_data.subjects[subject], group=group)
+                          subject=data.subjects[subject], group=group)
+    affine = data.get_volume_affine(subject, group)
     if index is None:
-        index = int(np.percentile(view.streamlines.data[:, axis], 10)) if view.streamlines.nb_points else image.shape[axis] // 2
+        index = densest_slice(view.streamlines, axis, image.shape, affine)
     if not 0 <= int(index) < image.shape[axis]:
         raise ConfigError(f'slice index {index} is outside the volume ({image.shape[axis]} voxels along axis '
-                          f"{'xyz'[axis]})", subject=sampler.source_data.subjects[subject], group=group)
-    view.slice_image, view.slice_axis, view.slice_index = image, axis, int(index)
+                          f"{'xyz'[axis]})", subject=data.subjects[subject], group=group)
+    view.slice_image, view.slice_axis, view.slice_index, view.slice_affine = image, axis, int(index), affine
+    view.slice_group, view.slice_subject = group, subject
 
 # %% ../nbs/09_viz_batch.ipynb
 class RenderingUnavailable(DwimlError):
@@ -375,6 +544,30 @@ _PROBE_CODE = ('import wgpu; adapter = wgpu.gpu.request_adapter_sync(power_prefe
                'adapter.request_device_sync(); info = adapter.info; '
                'print(info["adapter_type"], info["backend_type"], info["device"])')
 _probe_state = {}
+
+
+def ensure_runtime_dir():
+    """Make ``XDG_RUNTIME_DIR`` a private directory of ours before wgpu starts; return it.
+
+    wgpu's Vulkan loader prints "XDG_RUNTIME_DIR is invalid" when it is unset, missing, not ours
+    or not mode 0700: then a fresh private directory (`tempfile.mkdtemp`, 0700, removed at exit)
+    is set for this process and its children.
+    """
+    current = os.environ.get('XDG_RUNTIME_DIR')
+    if current and _is_private_dir(current): return current
+    path = tempfile.mkdtemp(prefix='dwiml-runtime-')
+    os.chmod(path, 0o700)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ['XDG_RUNTIME_DIR'] = path
+    return path
+
+
+def _is_private_dir(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
 _INSTALL_HINT = ('install FURY 2 (pip install "fury>=2,<3") and a Vulkan driver (on Debian/Ubuntu: apt-get '
                  'install mesa-vulkan-drivers libvulkan1; `bash tools/run.sh setup` does both)')
 
@@ -390,6 +583,7 @@ def check_rendering(timeout=120.0):
     RenderingUnavailable
         With the reason and what to install.
     """
+    ensure_runtime_dir()
     if 'ok' in _probe_state: return _probe_state['ok']
     if 'error' in _probe_state: raise RenderingUnavailable(_probe_state['error'])
     try:
@@ -406,6 +600,9 @@ def check_rendering(timeout=120.0):
     raise RenderingUnavailable(_probe_state['error'])
 
 # %% ../nbs/09_viz_batch.ipynb
+DRAWINGS = ('lines', 'tubes')
+
+
 def view_direction(azimuth, elevation):
     "Unit vector from the camera towards the scene for a camera at (`azimuth`, `elevation`) degrees."
     az, el = np.radians(azimuth), np.radians(elevation)
@@ -413,6 +610,7 @@ def view_direction(azimuth, elevation):
 
 
 def _import_fury():
+    ensure_runtime_dir()
     try:
         from fury import actor, window
     except ImportError as e:
@@ -420,15 +618,26 @@ def _import_fury():
     return actor, window
 
 
-def _line_actor(actor, streams, colors, thickness):
+_TUBE_SEGMENTS = 6
+
+
+def _line_actor(actor, streams, colors, thickness, tube_radius=None):
+    "Lines (`tube_radius` None) or lit tubes of `tube_radius` mm, coloured per point."
     drawable = streams.lengths >= 2
     if not drawable.all():
         logger.warning('%d streamline(s) of fewer than 2 points cannot be drawn as lines and are not shown',
                        int((~drawable).sum()))
     keep = np.flatnonzero(drawable)
     lines = streams.select(keep)
-    point_colors = colors[ranges_to_indices(streams.offsets[keep], streams.lengths[keep])]
-    return actor.streamlines(lines.to_list(), colors=point_colors, thickness=thickness, outline_thickness=0.0)
+    point_colors = np.asarray(colors, np.float32)[ranges_to_indices(streams.offsets[keep], streams.lengths[keep])]
+    if tube_radius is None:
+        return actor.streamlines(lines.to_list(), colors=point_colors, thickness=thickness, outline_thickness=0.0)
+    tubes = actor.streamtube(lines.to_list(), colors=(1.0, 1.0, 1.0), radius=float(tube_radius),
+                             segments=_TUBE_SEGMENTS, end_caps=False, backend='cpu')
+    vertex_colors = tubes.geometry.colors   # the CPU tubes have SEGMENTS vertices per point, point after point
+    vertex_colors.data[:] = np.repeat(point_colors, _TUBE_SEGMENTS, axis=0)[:, :vertex_colors.data.shape[1]]
+    vertex_colors.update_full()
+    return tubes
 
 
 def _slice_actor(actor, view):
@@ -439,37 +648,96 @@ def _slice_actor(actor, view):
     low, high = feature_range(image)
     slicer = actor.volume_slicer(image, value_range=(low, high), visibility=visibility, initial_slices=tuple(slices),
                                  interpolation='nearest')
-    slicer.local.position = (0.5, 0.5, 0.5)
+    affine = np.eye(4) if view.slice_affine is None else np.asarray(view.slice_affine, np.float64)
+    slicer.local.matrix = affine            # voxel index -> RAS+ mm
+    plane = slice_plane(affine, view.slice_axis, view.slice_index)
+    slicer.children[view.slice_axis].material.plane = tuple(plane.tolist())   # pygfx slices in world space
     return slicer
 
 
-def _bounding_sphere(view):
-    "(x, y, z, radius) around the streamlines drawn (the whole volume when there are none)."
+def slice_plane(affine, axis, index):
+    """The world plane ``(a, b, c, d)`` (``ax + by + cz + d = 0``, unit normal) of voxel slice `index` along `axis`.
+
+    Parameters
+    ----------
+    affine : array_like (4, 4)
+        Voxel index to RAS+ mm.
+    axis, index : int
+    """
+    row = np.linalg.inv(np.asarray(affine, np.float64))[axis]        # voxel index along axis = row . (x, y, z, 1)
+    norm = np.linalg.norm(row[:3])
+    # a hair past the voxel centre, as FURY does, so the plane never falls between two voxels
+    return -np.r_[row[:3], row[3] - float(index) - 1e-3] / norm
+
+
+def _bounds(view):
+    "(low, high) corners of the box around what is drawn, in RAS+ mm."
     points = [p.data for p in (view.streamlines, view.underlay) if p is not None and p.nb_points]
     if points:
         points = np.concatenate(points)
+        return points.min(axis=0).astype(np.float64), points.max(axis=0).astype(np.float64)
+    if view.slice_image is not None:
+        corners = np.array(list(itertools.product(*[(-0.5, s - 0.5) for s in view.slice_image.shape[:3]])))
+        world = voxel_to_world(corners + 0.5, np.eye(4) if view.slice_affine is None else view.slice_affine)
+        return world.min(axis=0).astype(np.float64), world.max(axis=0).astype(np.float64)
+    return np.zeros(3), np.ones(3)
+
+
+def _bounding_sphere(view):
+    "(x, y, z, radius) around the streamlines drawn and the orientation letters (the slice volume without streamlines)."
+    points = [p.data for p in (view.streamlines, view.underlay) if p is not None and p.nb_points]
+    if points:
+        points = np.concatenate(points + [np.stack(list(orientation_positions(*_bounds(view)).values()))])
         centre = (points.min(axis=0) + points.max(axis=0)) / 2
         return (*centre.tolist(), max(float(np.linalg.norm(points - centre, axis=1).max()), 1.0))
-    if view.slice_image is not None:
-        low, high = np.zeros(3), np.asarray(view.slice_image.shape, np.float64)
-    else:
-        low, high = np.zeros(3), np.ones(3)
+    low, high = _bounds(view)
     return (*((low + high) / 2).tolist(), max(float(np.linalg.norm(high - low)) / 2, 1.0))
 
+# %% ../nbs/09_viz_batch.ipynb
+ORIENTATION_LABELS = (('R', 0, 1), ('L', 0, 0), ('A', 1, 1), ('P', 1, 0), ('S', 2, 1), ('I', 2, 0))
 
-def _view_actors(actor, view, thickness):
-    "The FURY actors that draw `view`: grey underlay, coloured streamlines, slice."
+
+def orientation_positions(low, high, margin=0.05):
+    "Where the letters R, L, A, P, S, I go: the middle of each face of the box, `margin` × its size outside."
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    centre, pad = (low + high) / 2, max(float(np.max(high - low)), 1.0) * margin
+    positions = {}
+    for letter, axis, upper in ORIENTATION_LABELS:
+        where = centre.copy()
+        where[axis] = high[axis] + pad if upper else low[axis] - pad
+        positions[letter] = where
+    return positions
+
+
+def _orientation_actors(actor, view):
+    texts = []
+    for letter, where in orientation_positions(*_bounds(view)).items():
+        text = actor.text(letter, colors=(0.25, 0.25, 0.25), position=tuple(where.tolist()), font_size=16,
+                          outline_color=(1.0, 1.0, 1.0), outline_thickness=0.2)
+        text.screen_space = True          # 16 pixels high whatever the zoom
+        text.material.depth_test = False  # never hidden behind the slice or the streamlines
+        text.render_order = 10
+        texts.append(text)
+    return texts
+
+
+def _view_actors(actor, view, thickness, drawing='lines'):
+    "The FURY actors that draw `view`: grey underlay, coloured streamlines, slice, orientation letters."
+    if drawing not in DRAWINGS:
+        raise ConfigError(f'drawing must be one of {DRAWINGS}, got {drawing!r}')
+    low, high = _bounds(view)
+    radius = max(float(np.max(high - low)) * 0.004, 0.05) if drawing == 'tubes' else None
     actors = []
     if view.underlay is not None and len(view.underlay):
-        grey = np.full((view.underlay.nb_points, 3), 0.85, np.float32)
+        grey = np.full((view.underlay.nb_points, 3), 0.8, np.float32)
         actors.append(_line_actor(actor, view.underlay, grey, thickness * 0.5))
     if len(view.streamlines):
-        actors.append(_line_actor(actor, view.streamlines, np.asarray(view.colors, np.float32), thickness))
+        actors.append(_line_actor(actor, view.streamlines, view.colors, thickness, radius))
     if view.slice_image is not None:
         actors.append(_slice_actor(actor, view))
-    return actors
+    return actors + _orientation_actors(actor, view)
 
-
+# %% ../nbs/09_viz_batch.ipynb
 def _draw_framed(manager, view, azimuth, elevation, zoom):
     "Draw, frame the streamlines from (`azimuth`, `elevation`), draw again."
     # The first draw delivers the canvas' resize event, on which FURY re-fits the camera to
@@ -486,10 +754,11 @@ def _draw_now(manager):
 
 
 def render_view(view, *, size=(600, 600), azimuth=-60.0, elevation=25.0, zoom=1.0, background=(1.0, 1.0, 1.0),
-                thickness=2.0):
+                thickness=2.0, drawing='lines'):
     """Draw `view` offscreen; return the picture as an RGBA uint8 array (height, width, 4).
 
     The camera frames the streamlines from (`azimuth`, `elevation`) degrees; `zoom` > 1 goes closer.
+    `drawing` is 'lines' (flat, `thickness` pixels) or 'tubes' (lit meshes, depth shows).
 
     Raises
     ------
@@ -500,9 +769,7 @@ def render_view(view, *, size=(600, 600), azimuth=-60.0, elevation=25.0, zoom=1.
     actor, window = _import_fury()
     try:
         scene = window.Scene(background=(*background, 1.0))
-        actors = _view_actors(actor, view, thickness)
-        if actors:
-            scene.add(*actors)
+        scene.add(*_view_actors(actor, view, thickness, drawing))
         manager = window.ShowManager(scene=scene, size=tuple(int(s) for s in size), window_type='offscreen',
                                      pixel_ratio=1)
         try:
@@ -533,15 +800,91 @@ def save_png(image, path):
     return path
 
 # %% ../nbs/09_viz_batch.ipynb
+def annotate(image, view, *, font_size=13):
+    """`image` (RGBA uint8) with the title of `view` above and its legend below, as a new RGBA array.
+
+    Parameters
+    ----------
+    image : ndarray of uint8 (H, W, 3 or 4)
+    view : BatchView
+    font_size : int
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    picture = Image.fromarray(np.asarray(image, np.uint8)).convert('RGBA')
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:                          # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    width = picture.width
+    line = font_size + 5
+    measure = ImageDraw.Draw(Image.new('RGBA', (1, 1))).textlength
+    title = _wrap(view.title, lambda t: measure(t, font=font), width - 12)
+    legend = view.legend or Legend('')
+    entries = [(f'{l}', c) for l, c in legend.items]
+    rows, x = 1 if legend.title else 0, 6
+    for label, _ in entries:                      # flow the swatches into rows
+        w = line + measure(label, font=font) + 12
+        if x + w > width and x > 6: rows, x = rows + 1, 6
+        x += w
+    rows += bool(entries) + (legend.ramp is not None) + bool(legend.note)
+    top, bottom = line * len(title) + 8, line * rows + 8
+    out = Image.new('RGBA', (width, picture.height + top + bottom), (255, 255, 255, 255))
+    out.paste(picture, (0, top))
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(title):
+        draw.text((6, 4 + i * line), text, fill=(20, 20, 20, 255), font=font)
+    y = picture.height + top + 4
+    if legend.title:
+        draw.text((6, y), legend.title, fill=(20, 20, 20, 255), font=font); y += line
+    x = 6
+    for label, color in entries:
+        w = line + measure(label, font=font) + 12
+        if x + w > width and x > 6: x, y = 6, y + line
+        draw.rectangle([x, y + 2, x + font_size, y + 2 + font_size], fill=_rgb255(color), outline=(120, 120, 120, 255))
+        draw.text((x + line, y), label, fill=(20, 20, 20, 255), font=font)
+        x += w
+    y += line if entries else 0
+    if legend.ramp is not None:
+        low = f'{legend.ramp[0]:.3g}'
+        bar_x, bar_w = 12 + measure(low, font=font), max(min(200, width // 2), 20)
+        draw.text((6, y), low, fill=(20, 20, 20, 255), font=font)
+        ramp = (colormap(np.linspace(0, 1, bar_w)) * 255).astype(np.uint8)
+        out.paste(Image.fromarray(np.repeat(ramp[None], font_size, axis=0)), (int(bar_x), y + 2))
+        draw.text((bar_x + bar_w + 6, y), f'{legend.ramp[1]:.3g}', fill=(20, 20, 20, 255), font=font)
+        y += line
+    if legend.note:
+        draw.text((6, y), legend.note, fill=(90, 90, 90, 255), font=font)
+    return np.asarray(out)
+
+
+def _rgb255(color):
+    return tuple(int(round(255 * float(v))) for v in color[:3]) + (255,)
+
+
+def _wrap(text, width_of, width):
+    "Lines of `text` no wider than `width` (cut at ' · ' or spaces)."
+    lines, current = [], ''
+    for word in text.split(' '):
+        candidate = f'{current} {word}'.strip()
+        if current and width_of(candidate) > width:
+            lines.append(current); current = word
+        else:
+            current = candidate
+    return lines + [current] if current else lines or ['']
+
+# %% ../nbs/09_viz_batch.ipynb
 def render_batch_png(sampler, path, *, epoch=0, batch_index=0, size=(800, 800), azimuth=-60.0, elevation=25.0,
-                     zoom=1.0, **view_kwargs):
+                     zoom=1.0, drawing='lines', annotated=True, **view_kwargs):
     """Render batch `batch_index` of `epoch` of `sampler` to the PNG file `path`.
 
-    `view_kwargs` go to `make_batch_view` (stage, color_by, feature, subject, slice_axis, ...).
-    Returns the RGBA picture.
+    `view_kwargs` go to `make_batch_view` (stage, color_by, feature, subject, slice_axis, ...);
+    `drawing` is 'lines' or 'tubes'. With `annotated`, the title and the key are burned in
+    above and below the `size` picture (`annotate`). Returns the RGBA picture saved.
     """
     view = make_batch_view(sampler, batch_parts(sampler, epoch, batch_index), **view_kwargs)
-    image = render_view(view, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom)
+    image = render_view(view, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing)
+    if annotated:
+        image = annotate(image, view)
     save_png(image, path)
     logger.info('%s -> %s', view.title, path)
     return image
@@ -573,6 +916,10 @@ def live_canvas_problem(live='auto'):
     return None
 
 # %% ../nbs/09_viz_batch.ipynb
+class CanvasBusy(RenderingUnavailable):
+    "The live canvas was drawing when asked to draw (the inspector draws the request a moment later)."
+
+
 class LiveCanvas:
     """FURY's Jupyter canvas (a `jupyter_rfb.RemoteFrameBuffer`) showing one `BatchView` at a time.
 
@@ -602,6 +949,8 @@ class LiveCanvas:
             # canvas has no size and draws 1x1 pixel: give it the size a front end would report.
             self.widget.handle_event({'event_type': 'resize', 'width': self.size[0], 'height': self.size[1],
                                       'pixel_ratio': 1})
+            if hasattr(self.widget, 'set_title'):
+                self.widget.set_title('drag to turn, wheel to zoom')
         except Exception as e:
             raise RenderingUnavailable(f'FURY could not create a live Jupyter canvas: {type(e).__name__}: {e}') from e
 
@@ -610,7 +959,12 @@ class LiveCanvas:
         "The `RemoteFrameBuffer` widget to display."
         return self.manager.window
 
-    def show(self, view, camera=None):
+    @property
+    def busy(self):
+        "True while the canvas is drawing (a draw forced now would fail)."
+        return bool(getattr(self.widget, '_BaseRenderCanvas__is_drawing', False))
+
+    def show(self, view, camera=None, drawing='lines'):
         """Draw `view` instead of what is drawn now.
 
         Parameters
@@ -618,18 +972,32 @@ class LiveCanvas:
         view : BatchView
         camera : (azimuth, elevation, zoom), optional
             Frame the streamlines from there; None keeps the camera the user set with the mouse.
+        drawing : {'lines', 'tubes'}
+
+        Raises
+        ------
+        CanvasBusy
+            The canvas is drawing a frame: try again a moment later (nothing was changed).
+        RenderingUnavailable
+            FURY failed.
         """
+        if self.busy:
+            raise CanvasBusy('the canvas is drawing a frame')
         try:
             if self._drawn:
                 self.scene.remove(*self._drawn)
-            self._drawn = _view_actors(self._actor, view, self.thickness)
+            self._drawn = _view_actors(self._actor, view, self.thickness, drawing)
             if self._drawn:
                 self.scene.add(*self._drawn)
             if camera is None:
                 _draw_now(self.manager)
             else:
                 _draw_framed(self.manager, view, *camera)
+        except DwimlError:
+            raise
         except Exception as e:
+            if 'while drawing' in str(e):
+                raise CanvasBusy(f'the canvas is drawing a frame ({e})') from e
             raise RenderingUnavailable(f'FURY could not draw the batch: {type(e).__name__}: {e}') from e
 
     def snapshot(self):
@@ -640,7 +1008,226 @@ class LiveCanvas:
         self.manager.close()
 
 # %% ../nbs/09_viz_batch.ipynb
-class BatchInspector:
+STAGE_OPTIONS = [('as stored', 'stored'), ('before augmentation', 'before'), ('after augmentation', 'after'),
+                 ('both (before in grey)', 'both')]
+ALL_SUBJECTS = -1
+
+
+def _inspector_controls(subset_names, drawing):
+    "The inspector's controls, in display order, each filling the width of the controls column."
+    import ipywidgets as w
+    style, full = {'description_width': '84px'}, dict(width='100%')
+    slider = lambda cls, **kw: cls(style=style, continuous_update=False, layout=w.Layout(**full), **kw)
+    dropdown = lambda **kw: w.Dropdown(style=style, layout=w.Layout(**full), **kw)
+    return dict(
+        subset=dropdown(options=subset_names, description='subset'),
+        subject=dropdown(options=[('all subjects', ALL_SUBJECTS)], value=ALL_SUBJECTS, description='subject'),
+        batch=slider(w.IntSlider, min=0, description='batch'),
+        new_draw=w.Button(description='new draw (next epoch)', tooltip='the plan of the next epoch',
+                          layout=w.Layout(**full)),
+        stage=dropdown(options=STAGE_OPTIONS, value='after', description='stage'),
+        color_by=dropdown(options=COLOR_MODES, value='streamline', description='colour by'),
+        feature=w.BoundedIntText(min=0, max=0, description='feature', style=style, layout=w.Layout(**full)),
+        slice_axis=dropdown(options=['none', 'x', 'y', 'z'], value='none', description='slice'),
+        slice_group=dropdown(options=[], description='slice of'),
+        slice_index=slider(w.IntSlider, min=0, max=0, description='slice index'),
+        drawing=dropdown(options=[('lines (flat, fast)', 'lines'), ('tubes (lit, depth)', 'tubes')], value=drawing,
+                         description='draw as'),
+        azimuth=slider(w.IntSlider, value=-60, min=-180, max=180, description='azimuth'),
+        elevation=slider(w.IntSlider, value=25, min=-90, max=90, description='elevation'),
+        zoom=slider(w.FloatSlider, value=1.0, min=0.5, max=4.0, step=0.1, description='zoom'),
+        reset_camera=w.Button(description='reset camera', layout=w.Layout(**full)))
+
+
+def fallback_bundle(png, css_class, alt=''):
+    """A display bundle showing the PNG `png` (bytes) where the widget cannot be shown.
+
+    'text/html' (preferred by JupyterLab and nbconvert) wraps the picture in an element of class
+    `css_class`, which the live inspector hides; 'image/png' is there for other front ends.
+    """
+    data = base64.b64encode(bytes(png)).decode('ascii')
+    html = (f'<div class="{css_class}"><img src="data:image/png;base64,{data}" alt="{_html_escape(alt)}" '
+            'style="max-width:100%"/></div>')
+    return {'text/html': html, 'image/png': data}
+
+
+# jupyter_rfb's <img> shows this 1x1 picture until the kernel sends a frame
+_RFB_PLACEHOLDER = ('data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mOor68HAAL+'
+                    'AX6E2KOJAAAAAElFTkSuQmCC')
+
+
+def fallback_hiding_style(fallback_class, live_class=None):
+    """The ``<style>`` the live widget carries to hide the saved-notebook picture of class `fallback_class`.
+
+    Parameters
+    ----------
+    fallback_class : str
+    live_class : str, optional
+        Class of the live canvas (a jupyter_rfb widget): the picture is hidden only while that
+        canvas shows a frame from the kernel, so a page that renders the saved widgets without a
+        kernel (an HTML export with a widget manager) still shows the picture. None: always
+        hidden while the widget is rendered (the snapshot `ipywidgets.Image` keeps its picture).
+    """
+    hide = f'.{fallback_class}{{display:none}}'
+    if live_class is None:
+        return f'<style>{hide}</style>'
+    frame = (f'.{live_class} img[src^="blob:"], '
+             f'.{live_class} img[src^="data:"]:not([src="{_RFB_PLACEHOLDER}"])')
+    return f'<style>body:has({frame}) {hide}</style>'
+
+# %% ../nbs/09_viz_batch.ipynb
+class _InspectorControls:
+    "The controls of `BatchInspector`: what they offer, what they select."
+    def _on_subset(self, refresh=False):
+        "Fill the controls that depend on the subset and the epoch."
+        self._updating = True
+        try:
+            c, sampler = self.controls, self.sampler
+            c['subject'].options = [('all subjects', ALL_SUBJECTS)] + [(s, i) for i, s in enumerate(sampler.source_data.subjects)]
+            c['subject'].value = ALL_SUBJECTS
+            c['batch'].max = max(len(sampler.epoch_plan(self.epoch)) - 1, 0)
+            c['batch'].value = 0
+            c['feature'].max = max(getattr(sampler, 'nb_inputs', 0) - 1, 0)
+            groups = list(sampler.source_data.volume_groups)
+            c['slice_group'].options = groups
+            c['slice_group'].value = getattr(sampler, 'input_group', None) or (groups[0] if groups else None)
+            self._auto_slice = True
+        finally:
+            self._updating = False
+        if refresh:
+            self.refresh()
+
+    def _changed(self, name):
+        if self._updating: return
+        if name in ('subject', 'slice_axis', 'slice_group'):
+            self._auto_slice = True          # back to the slice most streamlines cross
+        elif name == 'slice_index':
+            self._auto_slice = False         # the user's choice
+        self._sync_enabled()
+        self.refresh()
+
+    def _sync_enabled(self):
+        c = self.controls
+        c['feature'].disabled = c['color_by'].value != 'feature'
+        no_slice = c['slice_axis'].value == 'none'
+        c['slice_index'].disabled = no_slice
+        c['slice_group'].disabled = no_slice or not c['slice_group'].options
+
+    def new_draw(self):
+        "Show the batches of the next epoch (a new random plan)."
+        self.epoch += 1
+        self._on_subset(refresh=True)
+
+    def reset_camera(self):
+        "Back to the default viewing angle."
+        self._updating = True
+        self.controls['azimuth'].value, self.controls['elevation'].value, self.controls['zoom'].value = -60, 25, 1.0
+        self._updating = False
+        self._framed_camera = None
+        self.refresh()
+
+    def view(self):
+        "The `BatchView` of the current controls."
+        c = self.controls
+        axis = None if c['slice_axis'].value == 'none' else c['slice_axis'].value
+        subject = None if c['subject'].value in (ALL_SUBJECTS, None) else c['subject'].value
+        return make_batch_view(self.sampler, batch_parts(self.sampler, self.epoch, c['batch'].value),
+                               stage=c['stage'].value, color_by=c['color_by'].value, feature=c['feature'].value,
+                               subject=subject, slice_axis=axis, slice_group=c['slice_group'].value,
+                               slice_index=None if axis is None or self._auto_slice else c['slice_index'].value)
+
+# %% ../nbs/09_viz_batch.ipynb
+class _InspectorDrawing:
+    "The drawing of `BatchInspector`: merged redraws, the picture a saved notebook keeps."
+    def refresh(self):
+        """Redraw from the controls; problems become a message, never an exception.
+
+        A request made while a draw runs is remembered (only the last one) and drawn right after it;
+        while the live canvas is busy with a frame of its own, one retry draws the last request.
+        """
+        if self._updating: return
+        self._pending = True
+        if self._drawing or self._retry is not None: return     # drawn when the current draw / the retry runs
+        self._drawing = True
+        try:
+            while self._pending:
+                self._pending = False
+                self._draw_once()
+        finally:
+            self._drawing = False
+
+    def _draw_once(self):
+        c = self.controls
+        try:
+            view = self.view()
+            camera = tuple(c[name].value for name in ('azimuth', 'elevation', 'zoom'))
+            if self.canvas is None:
+                frame = render_view(view, size=self.size, azimuth=camera[0], elevation=camera[1], zoom=camera[2],
+                                    drawing=c['drawing'].value)
+            else:
+                # new data keeps the camera the mouse set; the camera controls frame the streamlines
+                self.canvas.show(view, camera=None if camera == self._framed_camera else camera, drawing=c['drawing'].value)
+                self._framed_camera = camera
+                frame = self.canvas.snapshot()
+            self.image.value = png_bytes(frame)
+        except CanvasBusy as e:
+            if not self._later('_retry', 0.05, self.refresh):     # the canvas' own draw ends in a moment
+                self.message.value = f'<span style="color:#b00">⚠ {_html_escape(str(e))}: change a control to redraw</span>'
+            return
+        except DwimlError as e:
+            self.message.value = f'<span style="color:#b00">⚠ {_html_escape(str(e))}</span>'
+            return
+        self._last = (frame, view)
+        self.message.value = f'<span style="font-weight:600">{_html_escape(view.title)}</span>'
+        self.legend.value = legend_html(view.legend) if view.legend else ''
+        if view.slice_image is not None:
+            self._updating = True
+            c['slice_index'].max = view.slice_image.shape[view.slice_axis] - 1
+            c['slice_index'].value = view.slice_index
+            self._updating = False
+        self._update_fallback()
+
+    def _later(self, slot, delay, callback):
+        """Call `callback` after `delay` s on the running event loop (a kernel's), once per `slot`.
+
+        Returns False when no event loop runs (nothing is scheduled), True otherwise.
+        """
+        import asyncio
+        if getattr(self, slot) is not None: return True
+        try:
+            loop = asyncio.get_event_loop()
+        except RuntimeError:
+            return False
+        if not loop.is_running(): return False
+        def run():
+            setattr(self, slot, None)
+            callback()
+        setattr(self, slot, loop.call_later(delay, run))
+        return True
+
+    def fallback_png(self):
+        "The last frame as PNG bytes, title and key burned in (b'' before the first frame)."
+        if self._last is None: return b''
+        frame, view = self._last
+        return png_bytes(annotate(frame, view))
+
+    def _update_fallback(self, now=False):
+        "Put the last frame in the saved-notebook output, at most every `FALLBACK_INTERVAL` s (the last one wins)."
+        if self._fallback is None or self._last is None: return
+        wait = self.FALLBACK_INTERVAL - (time.monotonic() - self._fallback_time)
+        if not now and wait > 0 and self._later('_fallback_timer', wait, lambda: self._update_fallback(now=True)):
+            return
+        self._fallback_time = time.monotonic()
+        self._fallback.update(fallback_bundle(self.fallback_png(), self.fallback_class, alt=self._last[1].title), raw=True)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+        bundle = fallback_bundle(self.fallback_png(), self.fallback_class, alt=self._last[1].title if self._last else '')
+        self._fallback, self._fallback_time = display(bundle, raw=True, display_id=True), time.monotonic()
+
+# %% ../nbs/09_viz_batch.ipynb
+class BatchInspector(_InspectorControls, _InspectorDrawing):
     """Interactive 3D view of sampled batches (ipywidgets + FURY 2: live canvas or snapshots).
 
     Parameters
@@ -658,8 +1245,18 @@ class BatchInspector:
     live : {'auto', True, False}
         A `LiveCanvas` turned by the mouse ('auto': in a Jupyter kernel with jupyter_rfb); when it
         cannot be had, the offscreen snapshot, with the reason in the log.
+    drawing : {'lines', 'tubes'}
+        First choice of the 'draw as' control.
     **sampler_kwargs
         With `dataset`: the sampler's arguments (batch_size, step_size, split_ratio, ...).
+
+    Notes
+    -----
+    Displayed in a kernel, the inspector makes two outputs: the widget, and a picture of its last
+    frame (title and key burned in, updated at most every `FALLBACK_INTERVAL` seconds) that the
+    live widget hides with a CSS rule (`fallback_hiding_style`) while its canvas shows frames. A
+    saved notebook opened without a kernel, or its nbconvert HTML, has no live canvas: the picture
+    shows instead.
 
     Examples
     --------
@@ -667,12 +1264,16 @@ class BatchInspector:
     >>> BatchInspector(dataset=ds, streamline_group='streamlines', input_group='input',
     ...                batch_size=100, step_size=1.0, split_ratio=0.3, noise_gaussian_size=0.1)  # doctest: +SKIP
     """
+    FALLBACK_INTERVAL = 1.0
+
     def __init__(self, sampler=None, *, dataset=None, streamline_group=None, input_group=None, size=(520, 520),
-                 render=True, live='auto', **sampler_kwargs):
+                 render=True, live='auto', drawing='lines', **sampler_kwargs):
         import ipywidgets as w
         if (sampler is None) == (dataset is None):
             raise ConfigError('give either a sampler or a dataset (with streamline_group and sampler arguments)')
-        self.size, self.epoch, self._samplers = tuple(size), 0, {}
+        if drawing not in DRAWINGS:
+            raise ConfigError(f'drawing must be one of {DRAWINGS}, got {drawing!r}')
+        self.size, self.epoch, self._samplers = tuple(int(s) for s in size), 0, {}
         if sampler is not None:
             subset_names = [_set_name(sampler)]
             self._samplers[subset_names[0]] = sampler
@@ -681,44 +1282,40 @@ class BatchInspector:
                 raise ConfigError('with a dataset, give the streamline_group to show')
             subset_names = [n for n in ('training', 'validation', 'testing') if len(getattr(dataset, f'{n}_set'))]
         self._dataset, self._groups, self._sampler_kwargs = dataset, (streamline_group, input_group), sampler_kwargs
-        style = {'description_width': '80px'}
-        c = self.controls = dict(
-            subset=w.Dropdown(options=subset_names, description='subset', style=style),
-            subject=w.Dropdown(description='subject', style=style),
-            batch=w.IntSlider(min=0, description='batch', style=style, continuous_update=False),
-            new_draw=w.Button(description='new draw (next epoch)', tooltip='plan of the next epoch'),
-            stage=w.ToggleButtons(options=STAGES, value='after', description='stage', style=style),
-            color_by=w.Dropdown(options=COLOR_MODES, value='streamline', description='colour by', style=style),
-            feature=w.BoundedIntText(min=0, max=0, description='feature', style=style),
-            slice_axis=w.Dropdown(options=['none', 'x', 'y', 'z'], value='none', description='slice', style=style),
-            slice_index=w.IntSlider(min=0, max=0, description='slice index', style=style, continuous_update=False),
-            azimuth=w.IntSlider(value=-60, min=-180, max=180, description='azimuth', style=style,
-                                continuous_update=False),
-            elevation=w.IntSlider(value=25, min=-90, max=90, description='elevation', style=style,
-                                  continuous_update=False),
-            zoom=w.FloatSlider(value=1.0, min=0.5, max=4.0, step=0.1, description='zoom', style=style,
-                               continuous_update=False),
-            reset_camera=w.Button(description='reset camera'))
+        c = self.controls = _inspector_controls(subset_names, drawing)
+        self.fallback_class = f'dwiml-inspector-fallback-{uuid.uuid4().hex[:12]}'
         self.image = w.Image(format='png', width=self.size[0], height=self.size[1])
-        self.message = w.HTML()
-        self.canvas = self._live_canvas(live)
-        if self.canvas is None:
-            self.picture, shown = self.image, [self.image, self.message]
-        else:
-            self.picture = self.canvas.widget
-            frozen = w.Accordion(children=[self.image], titles=('last frame (for saved notebooks)',))
-            shown = [self.picture, self.message, frozen]
-        self.widget = w.HBox([w.VBox(list(c.values())), w.VBox(shown)])
-        self._framed_camera = None
+        self.message, self.legend = w.HTML(layout=w.Layout(width='100%')), w.HTML(layout=w.Layout(width='100%'))
+        # jupyter_rfb displays an output area for its errors when the canvas is made: keep it inside the widget
+        self._canvas_output = w.Output(layout=w.Layout(max_width='100%'))
+        with self._canvas_output:
+            self.canvas = self._live_canvas(live)
+        self.picture = self.image if self.canvas is None else self.canvas.widget
+        live_class = None if self.canvas is None else self.fallback_class.replace('-fallback-', '-live-')
+        if live_class: self.picture.add_class(live_class)
+        # the rule that hides the saved-notebook picture while this widget shows its own (see Notes)
+        self._hide_fallback = w.HTML(fallback_hiding_style(self.fallback_class, live_class),
+                                     layout=w.Layout(display='none'))
+        column = w.VBox(list(c.values()), layout=w.Layout(flex='0 1 330px', min_width='260px', max_width='380px',
+                                                           padding='0 8px 0 0'))
+        shown = w.VBox([self.message, self.picture, self.legend, self._canvas_output],
+                       layout=w.Layout(flex='1 1 auto', width=f'{self.size[0] + 8}px', max_width='100%'))
+        self.widget = w.HBox([column, shown, self._hide_fallback],
+                             layout=w.Layout(flex_flow='row wrap', align_items='flex-start', width='100%',
+                                             grid_gap='8px'))
+        self._framed_camera, self._auto_slice, self._last = None, True, None
+        self._drawing = self._pending = False
+        self._retry, self._fallback, self._fallback_time, self._fallback_timer = None, None, 0.0, None
         self._updating = True
         self._on_subset()
         self._updating = False
         c['subset'].observe(lambda _: self._on_subset(refresh=True), 'value')
         c['new_draw'].on_click(lambda _: self.new_draw())
         c['reset_camera'].on_click(lambda _: self.reset_camera())
-        for name in ('subject', 'batch', 'stage', 'color_by', 'feature', 'slice_axis', 'slice_index', 'azimuth',
-                     'elevation', 'zoom'):
-            c[name].observe(lambda _: self.refresh(), 'value')
+        for name in ('subject', 'batch', 'stage', 'color_by', 'feature', 'slice_axis', 'slice_group', 'slice_index',
+                     'drawing', 'azimuth', 'elevation', 'zoom'):
+            c[name].observe(lambda _, name=name: self._changed(name), 'value')
+        self._sync_enabled()
         if render:
             self.refresh()
 
@@ -747,107 +1344,49 @@ class BatchInspector:
                 else BatchStreamlinesSamplerOneInput(subset, streamline_group, input_group, **self._sampler_kwargs))
         return self._samplers[name]
 
-    def _on_subset(self, refresh=False):
-        self._updating = True
-        try:
-            c, sampler = self.controls, self.sampler
-            c['subject'].options = [('all', None)] + [(s, i) for i, s in enumerate(sampler.source_data.subjects)]
-            c['subject'].value = None
-            c['batch'].max = max(len(sampler.epoch_plan(self.epoch)) - 1, 0)
-            c['batch'].value = 0
-            nb_inputs = getattr(sampler, 'nb_inputs', 0)
-            c['feature'].max = max(nb_inputs - 1, 0)
-            group = getattr(sampler, 'input_group', None)
-            if group is not None and len(sampler.source_data.subjects):
-                c['slice_index'].max = max(sampler.source_data.get_volume(0, group).shape[:3]) - 1
-        finally:
-            self._updating = False
-        if refresh:
-            self.refresh()
-
-    def new_draw(self):
-        "Show the batches of the next epoch (a new random plan)."
-        self.epoch += 1
-        self._on_subset(refresh=True)
-
-    def reset_camera(self):
-        "Back to the default viewing angle."
-        self._updating = True
-        self.controls['azimuth'].value, self.controls['elevation'].value, self.controls['zoom'].value = -60, 25, 1.0
-        self._updating = False
-        self._framed_camera = None
-        self.refresh()
-
-    def view(self):
-        "The `BatchView` of the current controls."
-        c = self.controls
-        axis = None if c['slice_axis'].value == 'none' else c['slice_axis'].value
-        return make_batch_view(self.sampler, batch_parts(self.sampler, self.epoch, c['batch'].value),
-                               stage=c['stage'].value, color_by=c['color_by'].value, feature=c['feature'].value,
-                               subject=c['subject'].value, slice_axis=axis,
-                               slice_index=c['slice_index'].value if axis is not None else None)
-
-    def refresh(self):
-        "Re-render the picture from the controls; problems become a message, never an exception."
-        if self._updating: return
-        try:
-            view = self.view()
-            camera = tuple(self.controls[name].value for name in ('azimuth', 'elevation', 'zoom'))
-            if self.canvas is None:
-                self.image.value = png_bytes(render_view(view, size=self.size, azimuth=camera[0],
-                                                         elevation=camera[1], zoom=camera[2]))
-            else:
-                # new data keeps the camera the mouse set; the camera controls frame the streamlines
-                self.canvas.show(view, camera=None if camera == self._framed_camera else camera)
-                self._framed_camera = camera
-                self.image.value = png_bytes(self.canvas.snapshot())
-            self.message.value = f'<span>{view.title}</span>'
-        except DwimlError as e:
-            self.message.value = f'<span style="color:#b00">⚠ {_html_escape(str(e))}</span>'
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
-
-def _html_escape(text):
-    return text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
-
 # %% ../nbs/09_viz_batch.ipynb
 def _visualize_batch(argv=None):
-    p = argparse.ArgumentParser(prog='dwiml_visualize_batch',
-                                description='Render one sampled batch of a dwi_ml HDF5 file to a PNG (FURY 2, offscreen).')
+    p = argparse.ArgumentParser(prog='dwiml_visualize_batch', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description='Render one sampled batch of a dwi_ml HDF5 file to a PNG (FURY 2, offscreen), '
+                                            'in RAS+ mm, with its title and colour key burned in.')
     p.add_argument('hdf5_file', help='dwi_ml-layout HDF5 file')
     p.add_argument('streamline_group', help='streamline group to sample')
-    p.add_argument('--input_group', help='volume group: inputs for colour by feature, and the slice')
-    p.add_argument('--subset', default='training', choices=('training', 'validation', 'testing'))
-    p.add_argument('--batch_size', type=int, default=100, help='streamlines per batch (default 100)')
-    p.add_argument('--seed', type=int, default=1234)
-    p.add_argument('--epoch', type=int, default=0)
-    p.add_argument('--batch_index', type=int, default=0)
-    p.add_argument('--step_size', type=float, help='resampling step in mm')
-    p.add_argument('--split_ratio', type=float, default=0.0)
-    p.add_argument('--reverse_ratio', type=float, default=0.0)
+    p.add_argument('--input_group', help='volume group interpolated under every point (for --color_by feature); '
+                                         'none: no inputs')
+    p.add_argument('--subset', default='training', choices=('training', 'validation', 'testing'), help='subset to sample')
+    p.add_argument('--batch_size', type=int, default=100, help='streamlines per batch')
+    p.add_argument('--seed', type=int, default=1234, help='seed of the sampler (plan and augmentation)')
+    p.add_argument('--epoch', type=int, default=0, help='epoch whose plan is drawn')
+    p.add_argument('--batch_index', type=int, default=0, help='batch of that epoch')
+    p.add_argument('--step_size', type=float, help='resampling step in mm; none: as stored')
+    p.add_argument('--split_ratio', type=float, default=0.0, help='fraction of streamlines split in two')
+    p.add_argument('--reverse_ratio', type=float, default=0.0, help='fraction of streamlines reversed')
     p.add_argument('--noise_gaussian_size', type=float, default=0.0, help='noise std in mm')
-    p.add_argument('--stage', choices=STAGES, default='after')
-    p.add_argument('--color_by', choices=COLOR_MODES, default='streamline')
+    p.add_argument('--stage', choices=STAGES, default='after',
+                   help='stored: as in the file; before/after: augmentation; both: after over before in grey')
+    p.add_argument('--color_by', choices=COLOR_MODES, default='streamline', help='colouring of the streamlines')
     p.add_argument('--feature', type=int, default=0, help='input column for --color_by feature')
-    p.add_argument('--subject', help='show only this subject id')
-    p.add_argument('--slice', choices=('x', 'y', 'z'), help='draw a slice of the input volume')
-    p.add_argument('--slice_index', type=int, help='voxel index of the slice (default: under most streamlines)')
-    p.add_argument('--size', type=int, nargs=2, default=(800, 800), metavar=('WIDTH', 'HEIGHT'))
-    p.add_argument('--azimuth', type=float, default=-60.0)
-    p.add_argument('--elevation', type=float, default=25.0)
+    p.add_argument('--subject', help='show only this subject id; none: all subjects of the batch')
+    p.add_argument('--slice', choices=('x', 'y', 'z'), help='draw a slice of --slice_group along this voxel axis; '
+                                                            'none: no slice')
+    p.add_argument('--slice_group', help='volume group of the slice; none: --input_group, else the first volume group')
+    p.add_argument('--slice_index', type=int, help='voxel index of the slice; none: the slice most streamlines cross')
+    p.add_argument('--drawing', choices=DRAWINGS, default='lines', help='flat lines, or lit tubes that show depth')
+    p.add_argument('--size', type=int, nargs=2, default=(800, 800), metavar=('WIDTH', 'HEIGHT'),
+                   help='size of the 3D picture in pixels (the title and key bands are added)')
+    p.add_argument('--azimuth', type=float, default=-60.0, help='camera angle around z (S), degrees from +x (R)')
+    p.add_argument('--elevation', type=float, default=25.0, help='camera angle above the x-y plane, degrees')
     p.add_argument('--zoom', type=float, default=1.0, help='> 1: closer')
+    p.add_argument('--no_annotation', action='store_true', help='the 3D picture only: no title and key bands')
     p.add_argument('--save', required=True, help='output PNG file')
-    p.add_argument('-v', '--verbose', action='store_true')
+    p.add_argument('-v', '--verbose', action='store_true', help='log more')
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    if args.slice and not args.input_group:
-        raise ConfigError('--slice needs --input_group (the volume to slice)')
     from dwiml_nb.dataset import MultiSubjectDataset
     from dwiml_nb.sampler import AbstractBatchSampler, BatchStreamlinesSamplerOneInput
     dataset = MultiSubjectDataset(args.hdf5_file).load_data(progress=False)
+    if args.slice and not (args.slice_group or args.input_group or dataset.volume_groups):
+        raise ConfigError('--slice needs a volume group (--slice_group) and this file has none', file=args.hdf5_file)
     subset = getattr(dataset, f'{args.subset}_set')
     if len(subset) == 0:
         raise DataError(f'the {args.subset} set has no subjects', file=args.hdf5_file)
@@ -862,8 +1401,9 @@ def _visualize_batch(argv=None):
                               subject=args.subject, file=args.hdf5_file)
         subject = subset.subjects.index(args.subject)
     render_batch_png(sampler, args.save, epoch=args.epoch, batch_index=args.batch_index, size=args.size,
-                     azimuth=args.azimuth, elevation=args.elevation, zoom=args.zoom, stage=args.stage, color_by=args.color_by,
-                     feature=args.feature, subject=subject, slice_axis=args.slice, slice_index=args.slice_index)
+                     azimuth=args.azimuth, elevation=args.elevation, zoom=args.zoom, drawing=args.drawing,
+                     annotated=not args.no_annotation, stage=args.stage, color_by=args.color_by, feature=args.feature,
+                     subject=subject, slice_axis=args.slice, slice_group=args.slice_group, slice_index=args.slice_index)
     print(args.save)
     return 0
 

@@ -15,7 +15,7 @@ from dwiml_nb.core import DataError
 from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
 from dwiml_nb.viz_batch import (BatchInspector, RenderingUnavailable, batch_parts, check_rendering, make_batch_view,
-                                render_batch_png, render_view, visualize_batch_main)
+                                render_batch_png, render_view, visualize_batch_main, voxel_to_world)
 
 SIZE = (160, 160)
 # chosen order is testing, training, validation: sub-03 (training) gets 0 streamlines
@@ -67,37 +67,44 @@ def test_before_and_after_show_the_same_streamlines(sampler):
     both = make_batch_view(sampler, parts, stage='both')
     loaded = sampler.load_batch(parts)
     assert len(after.streamlines) == len(loaded) > len(before.streamlines)    # split ratio 0.5
-    np.testing.assert_array_equal(after.streamlines.data, loaded.streamlines.data)
+    # drawn in RAS+ mm (one subject has streamlines in this batch: one affine)
+    (subject,) = set(loaded.subject_ids.tolist())
+    affine = sampler.source_data.get_streamline_info(subject, 'streamlines').affine
+    np.testing.assert_allclose(after.streamlines.data, voxel_to_world(loaded.streamlines.data, affine), atol=1e-4)
     np.testing.assert_array_equal(both.underlay.data, before.streamlines.data)
     # every augmented streamline comes from one shown before, and the before view is not augmented
     plain = sampler.__class__(sampler.source_data, 'streamlines', 'input', batch_size=40, step_size=0.5, seed=7)
-    np.testing.assert_array_equal(before.streamlines.data, plain.load_batch(parts).streamlines.data)
+    np.testing.assert_allclose(before.streamlines.data, voxel_to_world(plain.load_batch(parts).streamlines.data, affine),
+                               atol=1e-4)
     assert set(loaded.streamline_ids) == set(plain.load_batch(parts).streamline_ids)
 
 
 def test_render_to_png_is_not_blank_and_follows_colouring_and_augmentation(sampler, can_render, tmp_path):
     png = tmp_path / 'out' / 'batch.png'
-    after = render_batch_png(sampler, png, size=SIZE, color_by='streamline')
+    after = render_batch_png(sampler, png, size=SIZE, color_by='streamline', annotated=False)
     saved = np.asarray(Image.open(png))
     np.testing.assert_array_equal(saved, after)
     assert saved.shape == (SIZE[1], SIZE[0], 4)
     drawn = foreground(after)
     assert 0.01 < drawn.mean() < 0.9                                  # something drawn, not a flat fill
     assert len(np.unique(after[drawn][:, :3], axis=0)) > 20           # many streamline colours
-    direction = render_batch_png(sampler, tmp_path / 'direction.png', size=SIZE, color_by='direction')
-    before = render_batch_png(sampler, tmp_path / 'before.png', size=SIZE, color_by='streamline', stage='before')
+    direction = render_batch_png(sampler, tmp_path / 'direction.png', size=SIZE, color_by='direction', annotated=False)
+    before = render_batch_png(sampler, tmp_path / 'before.png', size=SIZE, color_by='streamline', stage='before',
+                              annotated=False)
     assert foreground(direction).mean() > 0.01 and foreground(before).mean() > 0.01
     # colouring changes the colours of the same shapes; augmentation off changes the shapes
     assert np.abs(direction.astype(int) - after.astype(int)).sum(axis=-1).astype(bool).mean() > 0.01
     assert (foreground(before) != drawn).mean() > 0.005
     assert not list(tmp_path.glob('out/.batch.png.tmp-*'))          # written atomically
+    annotated = render_batch_png(sampler, tmp_path / 'annotated.png', size=SIZE, color_by='feature')
+    assert annotated.shape[1] == SIZE[0] and annotated.shape[0] > SIZE[1] + 40    # title above, colour bar below
 
 
 def test_slice_is_drawn_under_the_streamlines(sampler, can_render):
     parts = batch_parts(sampler, 0, 0)
     plain = render_view(make_batch_view(sampler, parts), size=SIZE)
     sliced = render_view(make_batch_view(sampler, parts, slice_axis='z', slice_index=3), size=SIZE)
-    assert foreground(sliced).mean() > foreground(plain).mean() + 0.05
+    assert foreground(sliced).mean() > foreground(plain).mean() + 0.03
 
 
 def test_inspector_widget_updates_and_reports_problems(hdf5_file, can_render):
@@ -140,13 +147,20 @@ def test_console_script_renders_and_refuses_bad_input(hdf5_file, can_render, tmp
                               '--step_size', '0.5', '--size', '120', '100', '--save', str(out)])
     assert exit_.value.code == 0
     image = np.asarray(Image.open(out))
-    assert image.shape == (100, 120, 4) and foreground(image).mean() > 0.01
+    # the 120x100 picture, with the title above and the colour bar below burned in
+    assert image.shape[1] == 120 and image.shape[0] > 100 + 40 and foreground(image).mean() > 0.01
+    bare = tmp_path / 'bare.png'
+    with pytest.raises(SystemExit) as exit_:
+        visualize_batch_main([str(hdf5_file), 'streamlines', '--batch_size', '20', '--slice', 'y', '--drawing', 'tubes',
+                              '--no_annotation', '--size', '120', '100', '--save', str(bare)])
+    assert exit_.value.code == 0                 # the slice of the first volume group, without --input_group
+    assert np.asarray(Image.open(bare)).shape == (100, 120, 4)
     capsys.readouterr()
     for argv, message in [
             (['--subject', 'sub-03'], "subject 'sub-03', group 'streamlines'"),
             (['--color_by', 'feature'], 'needs a sampler with an input group'),
             (['--batch_index', '99'], 'outside epoch 0'),
-            (['--slice', 'z'], '--slice needs --input_group')]:
+            (['--slice', 'z', '--slice_group', 'streamlines'], "'streamlines' is a streamline group")]:
         with pytest.raises(SystemExit) as exit_:
             visualize_batch_main([str(hdf5_file), 'streamlines', '--save', str(tmp_path / 'bad.png'), *argv])
         err = capsys.readouterr().err
@@ -184,9 +198,16 @@ auto = BatchInspector(render=False, **kwargs)
 json.dump(dict(in_kernel=in_jupyter_kernel(), picture_is_rfb=isinstance(inspector.picture, RemoteFrameBuffer),
                picture_in_widget=inspector.picture in inspector.widget.children[1].children,
                message=inspector.message.value, auto_is_live=auto.canvas is not None,
-               last_frame_png=inspector.image.value[:4] == b'\\x89PNG'),
+               last_frame_png=inspector.image.value[:4] == b'\\x89PNG', fallback_class=inspector.fallback_class,
+               hide_rule=inspector._hide_fallback.value),
           open(OUT + '/result.json', 'w'))
 inspector
+'''
+
+LATER_CHANGE_CODE = '''
+import time
+time.sleep(inspector.FALLBACK_INTERVAL + 0.2)
+inspector.controls['color_by'].value = 'subject'
 '''
 
 
@@ -197,13 +218,15 @@ def test_live_canvas_in_a_real_kernel_draws_and_follows_the_controls(can_render,
     import nbformat
     import papermill as pm
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(f'OUT = {str(tmp_path)!r}'), nbformat.v4.new_code_cell(LIVE_NOTEBOOK_CODE)]
+    nb.cells = [nbformat.v4.new_code_cell(f'OUT = {str(tmp_path)!r}'), nbformat.v4.new_code_cell(LIVE_NOTEBOOK_CODE),
+                nbformat.v4.new_code_cell(LATER_CHANGE_CODE)]
     nbformat.write(nb, tmp_path / 'live.ipynb')
     pm.execute_notebook(str(tmp_path / 'live.ipynb'), str(tmp_path / 'out.ipynb'), kernel_name='python3',
                         cwd=str(tmp_path), progress_bar=False)
     result = json.loads((tmp_path / 'result.json').read_text())
     assert result == dict(in_kernel=True, picture_is_rfb=True, picture_in_widget=True, message=result['message'],
-                          auto_is_live=True, last_frame_png=True), result
+                          auto_is_live=True, last_frame_png=True, fallback_class=result['fallback_class'],
+                          hide_rule=result['hide_rule']), result
     assert 'training set' in result['message'], result['message']
     frames = np.load(tmp_path / 'frames.npz')
     first, direction, sliced = frames['by_streamline'], frames['by_direction'], frames['sliced']
@@ -213,6 +236,16 @@ def test_live_canvas_in_a_real_kernel_draws_and_follows_the_controls(can_render,
     assert np.abs(direction.astype(int) - first.astype(int)).sum(axis=-1).astype(bool).mean() > 0.01
     assert abs(foreground(direction).mean() - foreground(first).mean()) < 0.02
     assert foreground(sliced).mean() > foreground(direction).mean() + 0.05
+    # the inspector cell: the widget (jupyter_rfb's output area inside it), then the last frame for saved notebooks
+    import base64, io
+    cell = nbformat.read(tmp_path / 'out.ipynb', as_version=4).cells[1]
+    shown = [o for o in cell.outputs if o.output_type == 'display_data']
+    assert len(shown) == 2 and 'application/vnd.jupyter.widget-view+json' in shown[0].data, cell.outputs
+    html = shown[1].data['text/html']
+    assert f'class="{result["fallback_class"]}"' in html and 'colour by subject' in html   # updated by the next cell
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown[1].data['image/png']))))
+    assert picture.shape[1] == 200 and picture.shape[0] > 200 and foreground(picture).mean() > 0.01
+    assert f'.{result["fallback_class"]}{{display:none}}' in result['hide_rule']
 
 
 def test_live_auto_outside_a_kernel_falls_back_to_the_snapshot_and_says_why(sampler, caplog):
