@@ -9,7 +9,9 @@ import argparse
 import contextlib
 import errno
 import logging
+import math
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -18,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 # %% auto 0
-__all__ = ['DwimlError', 'DataError', 'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging',
-           'cli_parser', 'run_cli', 'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines', 'offsets_from_lengths',
+__all__ = ['positive_int', 'nonnegative_int', 'positive_float', 'nonnegative_float', 'finite_float', 'DwimlError', 'DataError',
+           'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging', 'cli_parser', 'run_cli',
+           'number_in_range', 'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines', 'offsets_from_lengths',
            'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
@@ -63,6 +66,7 @@ def atomic_write(path, suffix=''):
     reader takes for the real one and which the next write cleans up).
     """
     path = Path(path)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f'.{path.name}.tmp-*'):
         _remove_stale_temp(stale)
@@ -74,6 +78,7 @@ def atomic_write(path, suffix=''):
     try:
         yield tmp
         _fsync_file(tmp)
+        _check_replaceable(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
@@ -83,6 +88,23 @@ def atomic_write(path, suffix=''):
             raise DiskFullError(f'cannot be written: {no_space}; the previous version, if any, is intact',
                                 file=path) from e
         raise
+
+
+def _check_replaceable(path):
+    "Refuse (`DataError`) a target that exists and is not a regular file: a rename would replace it."
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:   # missing (the usual case), or a parent that is not a folder: the write says so
+        return
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise DataError('is a symbolic link: refusing to replace it with a file (give the path of the file it '
+                        'points to, or remove the link)', file=path)
+    kind = ('a directory' if stat.S_ISDIR(mode) else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode)
+            else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'a socket' if stat.S_ISSOCK(mode)
+            else 'not a regular file')
+    raise DataError(f'exists and is {kind}, not a regular file: refusing to replace it', file=path)
 
 
 def _out_of_space(error, tmp):
@@ -163,16 +185,31 @@ def _message_stream():
     return sys.stdout if in_jupyter_kernel() else sys.stderr
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose errors are one line (`error: ...`, exit 2), like a `DwimlError`'s."
+    def error(self, message):
+        self.exit(2, f'error: {self.prog}: {message} (see {self.prog} --help)\n')
+
+
 def cli_parser(prog, description, **kwargs):
-    "An `argparse` parser whose `--help` shows every option's default next to its text."
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    """An `argparse` parser whose `--help` shows every option's default next to its text.
+
+    A bad argument is one line on stderr (``error: PROG: argument --x: ...``) and exit code 2, as
+    for every other error of the user's: the usage is in ``--help``.
+    """
+    return _OneLineErrorParser(prog=prog, description=description,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
 def run_cli(main, argv=None):
-    """Run a script's ``main(argv)``; turn a `DwimlError` into a one-line message and exit code 2."""
+    """Run a script's ``main(argv)``; turn a `DwimlError` into a one-line message and exit code 2.
+
+    A reader that stops reading early (``dwiml_describe_hdf5 f | head -1``) ends the script
+    quietly with exit code 141 (128 + SIGPIPE, as a shell reports it), not with a traceback.
+    """
     try:
         code = main(argv)
+        sys.stdout.flush()   # a closed pipe shows here, while we can still handle it
     except DwimlError as e:
         logging.getLogger('dwiml_nb').debug('error details', exc_info=True)
         print(f'error: {e}', file=sys.stderr)
@@ -180,7 +217,58 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        sys.exit(141)
     sys.exit(code or 0)
+
+
+def _quiet_broken_pipe():
+    # The Python docs' recipe (library/signal.html, "Note on SIGPIPE"): point stdout at devnull, so
+    # that the flush at interpreter exit does not raise BrokenPipeError again.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+# %% ../nbs/00_core.ipynb
+def number_in_range(kind=float, minimum=None, maximum=None, *, strict_minimum=False, also=()):
+    """An argparse ``type=`` that accepts a finite number of `kind` within the bounds.
+
+    Parameters
+    ----------
+    kind : {int, float}
+    minimum, maximum : number, optional
+        Inclusive bounds (the minimum is exclusive with ``strict_minimum``).
+    also : sequence of numbers
+        Values accepted outside the bounds (e.g. ``0`` meaning "off").
+    """
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+        if value in also:
+            return value
+        low_ok = minimum is None or (value > minimum if strict_minimum else value >= minimum)
+        if not low_ok or (maximum is not None and value > maximum):
+            bounds = []
+            if minimum is not None: bounds.append(f"{'>' if strict_minimum else '>='} {minimum}")
+            if maximum is not None: bounds.append(f'<= {maximum}')
+            extra = ''.join(f' or {a}' for a in also)
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}{extra}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = number_in_range(int, 0, strict_minimum=True)
+nonnegative_int = number_in_range(int, 0)
+positive_float = number_in_range(float, 0, strict_minimum=True)
+nonnegative_float = number_in_range(float, 0)
+finite_float = number_in_range(float)
 
 # %% ../nbs/00_core.ipynb
 def in_jupyter_kernel():

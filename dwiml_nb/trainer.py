@@ -28,17 +28,18 @@ import torch
 
 import dwiml_nb
 from .core import (CheckpointError, ConfigError, DiskFullError, DwimlError, atomic_write, cli_parser,
-                           progress_bar, run_cli, setup_logging)
+                           nonnegative_int, positive_int, progress_bar, run_cli, setup_logging)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'BATCH_COLUMNS', 'EPOCH_COLUMNS', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'OPTIMIZERS', 'CHECKPOINT_FORMAT',
-           'NonFiniteLossError', 'experiment_paths', 'CsvLog', 'NullLog', 'get_rng_states', 'set_rng_states',
-           'seed_everything', 'class_path', 'import_class', 'load_checkpoint', 'check_model_state', 'sampler_spec',
-           'usable_cores', 'default_torch_threads', 'choose_torch_threads', 'DWIMLAbstractTrainer', 'resume_experiment',
-           'resume_main']
+           'NonFiniteLossError', 'check_experiment_name', 'check_experiments_path', 'experiment_paths', 'CsvLog',
+           'NullLog', 'get_rng_states', 'set_rng_states', 'seed_everything', 'class_path', 'loaded_subclasses',
+           'resolve_class', 'load_checkpoint', 'checkpoint_content_problem', 'check_model_state', 'sampler_spec',
+           'usable_cores', 'default_torch_threads', 'choose_torch_threads', 'DWIMLAbstractTrainer',
+           'import_user_modules', 'resume_experiment', 'resume_main']
 
 # %% ../nbs/07_trainer.ipynb
 BATCH_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'weight', 'nb_streamlines', 'grad_norm',
@@ -58,9 +59,42 @@ class NonFiniteLossError(DwimlError):
     "The loss became NaN or infinite: training stops, the last good checkpoint is kept."
 
 
+def check_experiment_name(experiment_name):
+    """Refuse (`ConfigError`) a name that is not one folder inside experiments_path.
+
+    An empty name, ``.``, ``..``, a name with a path separator (an absolute path included) would put
+    the experiment, or what ``overwrite`` deletes, outside its own folder.
+    """
+    name = str(experiment_name)
+    seps = [s for s in (os.sep, os.altsep, '/') if s]
+    if name in ('', '.', '..') or any(s in name for s in seps) or '\0' in name or os.path.isabs(name):
+        raise ConfigError(f'experiment name {name!r} is not a folder name: give a plain name (no path '
+                          'separator, not empty, not . or ..); the folder goes in experiments_path')
+    return name
+
+
+def check_experiments_path(experiments_path):
+    """Refuse (`ConfigError`) an experiments_path that cannot hold experiments, before any work is done.
+
+    It (or, when it does not exist yet, its nearest existing parent) must be a folder we may write in.
+    """
+    path = Path(experiments_path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():   # a dangling link: mkdir would fail on it
+            raise ConfigError('is a broken symbolic link', file=existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        what = 'is not a folder' if existing == path else f"cannot be created: '{existing}' is not a folder"
+        raise ConfigError(f'experiments_path {what}', file=path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"experiments_path cannot be written: '{existing}' is read-only for this user", file=path)
+    return path
+
+
 def experiment_paths(experiments_path, experiment_name):
-    "The files of one experiment folder (see the layout above), as a dict of `Path`s."
-    root = Path(experiments_path) / experiment_name
+    "The files of one experiment folder (see the layout above), as a dict of `Path`s; refuses a bad name."
+    root = Path(experiments_path) / check_experiment_name(experiment_name)
     return {'root': root, 'checkpoint': root / 'checkpoint' / 'checkpoint.pt',
             'parameters': root / 'checkpoint' / 'parameters.json',
             'best_model': root / 'best_model' / 'model_state.pt',
@@ -172,25 +206,51 @@ def class_path(obj_or_cls):
     return f'{cls.__module__}:{cls.__qualname__}'
 
 
-def import_class(path, what='class', file=None, base=None):
-    """Import `module:qualname`; a `CheckpointError` that says what failed otherwise.
+def loaded_subclasses(base):
+    "`base` and every loaded class derived from it (recursively), as a dict ``{'module:qualname': class}``."
+    found, todo, seen = {}, [base], set()
+    while todo:
+        cls = todo.pop(0)
+        if cls in seen: continue
+        seen.add(cls)
+        found[class_path(cls)] = cls
+        with contextlib.suppress(TypeError):
+            todo.extend(cls.__subclasses__())
+    return found
 
-    With `base`, the object must be a class derived from it: the strings of a checkpoint must not
-    name any other callable (``subprocess:Popen``...) that we would then call with its parameters.
+
+def resolve_class(path, base, what='class', file=None, resume_with=None):
+    """The loaded class named `path` (``module:qualname``) that derives from `base`; never imports anything.
+
+    Parameters
+    ----------
+    path : str
+        ``module:qualname``, as `class_path` writes it (a checkpoint's string).
+    base : type
+        Only `base` and the loaded classes derived from it are candidates: a checkpoint cannot name
+        any other callable (``subprocess:Popen``...) that we would then call with its parameters.
+    what : str
+        What the class is, for the message ('model class'...).
+    file : path-like, optional
+        The checkpoint, named in the message.
+    resume_with : str, optional
+        The trainer class whose ``init_from_checkpoint`` the message proposes.
+
+    Raises
+    ------
+    CheckpointError
+        No loaded subclass of `base` has that name.
     """
-    module_name, _, qualname = str(path).partition(':')
-    try:
-        obj = importlib.import_module(module_name)
-        for part in qualname.split('.'):
-            obj = getattr(obj, part)
-    except Exception as e:
-        raise CheckpointError(f"cannot import the {what} '{path}' ({type(e).__name__}: {e}); it must be "
-                              'importable (defined in a module on the Python path, not in a notebook or '
-                              '__main__)', file=file) from None
-    if base is not None and not (inspect.isclass(obj) and issubclass(obj, base)):
-        raise CheckpointError(f"the {what} '{path}' is not a subclass of {base.__module__}.{base.__qualname__}: "
-                              'refusing to call it', file=file)
-    return obj
+    path = str(path)
+    cls = loaded_subclasses(base).get(path)
+    if cls is None:
+        module = path.partition(':')[0] or 'MODULE'
+        trainer = resume_with or 'YourTrainer'
+        raise CheckpointError(f"the {what} '{path}' of the checkpoint is not a loaded subclass of "
+                              f'{base.__module__}.{base.__qualname__} (nothing a checkpoint names is imported): '
+                              f'pass --import {module} if that module of yours defines it, or resume from Python '
+                              f'with {trainer}.init_from_checkpoint', file=file)
+    return cls
 
 # %% ../nbs/07_trainer.ipynb
 CHECKPOINT_FORMAT = 1
@@ -213,7 +273,11 @@ def load_checkpoint(experiments_path, experiment_name):
         Missing, unreadable (truncated/corrupted), not a dwiml_nb checkpoint, or written by
         another major.minor version of dwiml_nb.
     """
-    path = experiment_paths(experiments_path, experiment_name)['checkpoint']
+    paths = experiment_paths(experiments_path, experiment_name)
+    path = paths['checkpoint']
+    if not paths['root'].is_dir():
+        raise CheckpointError(f'no such experiment folder; {_existing_experiments(experiments_path)}',
+                              file=paths['root'])
     if not path.exists():
         raise CheckpointError('no checkpoint: was this experiment trained with dwiml_nb?', file=path)
     try:
@@ -225,7 +289,74 @@ def load_checkpoint(experiments_path, experiment_name):
     if _major_minor(ckpt.get('dwiml_nb_version')) != _major_minor(dwiml_nb.__version__):
         raise CheckpointError(f"was written by dwiml_nb {ckpt.get('dwiml_nb_version')}, this is "
                               f'{dwiml_nb.__version__} (major.minor differ): resume it with that version', file=path)
+    problem = checkpoint_content_problem(ckpt)
+    if problem:
+        raise CheckpointError(f'{problem}: the checkpoint is damaged or was edited; resume from another one or '
+                              'start again', file=path)
     return ckpt
+
+
+def _is_int(v, minimum): return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def checkpoint_content_problem(ckpt):
+    """What is wrong in the content of a checkpoint that loaded safely (a short text), or '' when nothing is.
+
+    Checks the types and ranges of what a resume reads (position, counters, log sizes, best loss,
+    history, parameters), so that a damaged or edited checkpoint is refused before anything is written.
+    """
+    required = ('trainer_class', 'model_class', 'trainer_params', 'samplers', 'sampler_states', 'optimizer_state',
+                'scheduler_state', 'position', 'epoch_accumulators', 'best_valid_loss', 'best_epoch',
+                'patience_count', 'history', 'log_sizes')
+    missing = [k for k in required if k not in ckpt]
+    if missing: return f"it has no {', '.join(repr(k) for k in missing)}"
+    for key in ('trainer_class', 'model_class'):
+        if not isinstance(ckpt[key], str): return f'{key} is not a string ({type(ckpt[key]).__name__})'
+    for key in ('trainer_params', 'samplers', 'sampler_states', 'optimizer_state', 'position',
+                'epoch_accumulators', 'log_sizes'):
+        if not isinstance(ckpt[key], dict): return f'{key} is not a dict ({type(ckpt[key]).__name__})'
+    if not isinstance(ckpt.get('model_params'), (dict, type(None))): return 'model_params is not a dict'
+    if not all(isinstance(k, str) for k in ckpt['trainer_params']): return 'trainer_params has a key that is not a string'
+    position = ckpt['position']
+    for key in ('epoch', 'batches_done'):
+        if not _is_int(position.get(key), 0): return f'position.{key} is not an integer >= 0: {position.get(key)!r}'
+    for key in ('batches_csv', 'epochs_csv'):
+        if not _is_int(ckpt['log_sizes'].get(key), 0):
+            return f"log_sizes.{key} is not an integer >= 0: {ckpt['log_sizes'].get(key)!r}"
+    if not _is_int(ckpt['best_epoch'], -1): return f"best_epoch is not an integer >= -1: {ckpt['best_epoch']!r}"
+    if not _is_int(ckpt['patience_count'], 0): return f"patience_count is not an integer >= 0: {ckpt['patience_count']!r}"
+    best = ckpt['best_valid_loss']
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best):
+        return f'best_valid_loss is not a number: {best!r}'
+    if (best == math.inf) != (ckpt['best_epoch'] == -1):
+        return f"best_valid_loss {best!r} and best_epoch {ckpt['best_epoch']!r} disagree"
+    history = ckpt['history']
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        return f'history is not a list of per-epoch records ({type(history).__name__})'
+    if len(history) != position['epoch']:
+        return f"history has {len(history)} epoch(s) but the position is epoch {position['epoch']}"
+    accumulators = ckpt['epoch_accumulators']
+    for key, value in accumulators.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f'epoch_accumulators.{key} is not a number: {value!r}'
+    if not isinstance(ckpt['sampler_states'].get('training'), dict): return 'sampler_states has no training state'
+    for key in ('state', 'param_groups'):
+        if key not in ckpt['optimizer_state']: return f"optimizer_state has no '{key}'"
+    return ''
+
+
+def _existing_experiments(experiments_path, limit=20):
+    "A sentence listing the experiments (folders with checkpoint/checkpoint.pt) under `experiments_path`."
+    base = Path(experiments_path)
+    if not base.is_dir():
+        return f"experiments_path '{base}' is not a folder"
+    with contextlib.suppress(OSError):
+        names = sorted(d.name for d in base.iterdir() if (d / 'checkpoint' / 'checkpoint.pt').is_file())
+        if not names:
+            return f"there is no experiment in '{base}'"
+        more = f' ... ({len(names)} in all)' if len(names) > limit else ''
+        return f"the experiments in '{base}' are: " + ', '.join(names[:limit]) + more
+    return f"'{base}' cannot be listed"
 
 
 def check_model_state(model, state, file=None):
@@ -325,6 +456,19 @@ def _step(batch):
 
 # %% ../nbs/07_trainer.ipynb
 _RESUMING = contextvars.ContextVar('dwiml_trainer_resuming', default=False)
+
+
+def _accepted_kwargs(cls):
+    "Names of the keyword arguments `cls(...)` accepts (every name when it takes ``**kwargs``)."
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None: continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names   # this __init__ is the last one the arguments reach
+    return None   # **kwargs all the way: any name may be right
 
 
 class DWIMLAbstractTrainer:
@@ -488,7 +632,10 @@ class DWIMLAbstractTrainer:
                               'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
                               'dwiml_resume_training_from_checkpoint)', file=refused)
         if self.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f'the experiment folder cannot be created ({e.strerror or e})', file=root) from None
 
 
     @staticmethod
@@ -825,6 +972,11 @@ class DWIMLAbstractTrainer:
         if ckpt['trainer_class'] != class_path(cls):
             logger.warning('checkpoint written by %s, resumed with %s', ckpt['trainer_class'], class_path(cls))
         params = dict(ckpt['trainer_params'])
+        accepted = _accepted_kwargs(cls)
+        unknown = [] if accepted is None else sorted(set(params) - accepted)
+        if unknown:
+            raise CheckpointError(f"unknown trainer parameter(s) {', '.join(unknown)} (not accepted by "
+                                  f'{cls.__qualname__}): the checkpoint is damaged or was edited', file=path)
         if new_max_epochs is not None: params['max_epochs'] = int(new_max_epochs)
         if new_patience is not None: params['patience'] = int(new_patience)
         params.update(overrides)
@@ -850,8 +1002,13 @@ class DWIMLAbstractTrainer:
             if (self.lr_scheduler is None) != (ckpt['scheduler_state'] is None):
                 raise ValueError('the checkpoint has a learning-rate scheduler state and the trainer none, or vice versa')
             if self.lr_scheduler is not None: self.lr_scheduler.load_state_dict(ckpt['scheduler_state'])
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f'optimizer or scheduler state does not fit ({e})', file=path) from None
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                    raise CheckpointError(f"optimizer state '{key}' has shape {tuple(value.shape)} for a parameter "
+                                          f'of shape {tuple(p.shape)}: the checkpoint is damaged or was edited', file=path)
         self.epoch, self.batches_done = ckpt['position']['epoch'], ckpt['position']['batches_done']
         self._accumulators = dict(ckpt['epoch_accumulators'])
         self.best_valid_loss, self.best_epoch = ckpt['best_valid_loss'], ckpt['best_epoch']
@@ -889,26 +1046,63 @@ class DWIMLAbstractTrainer:
             if key not in datasets:
                 datasets[key] = MultiSubjectDataset(src['hdf5_file'], lazy=src['lazy']).load_data()
             subset = getattr(datasets[key], f"{src['set_name']}_set")
-            return import_class(spec['class'], f'{role} sampler class',
-                                base=torch.utils.data.Sampler)(subset, **spec['params'])
+            return resolve_class(spec['class'], torch.utils.data.Sampler, f'{role} sampler class',
+                                 resume_with=cls.__qualname__)(subset, **spec['params'])
         return build(samplers['training'], 'training'), build(samplers['validation'], 'validation')
 
 # %% ../nbs/07_trainer.ipynb
-def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, new_patience=None, **overrides):
-    "A trainer rebuilt from an experiment folder's checkpoint, ready for `train_and_validate()`."
+def import_user_modules(modules):
+    """Import the modules the user names (``--import``), so that their classes can be resumed.
+
+    The current folder is searched last, as ``python -m`` would. A module that cannot be
+    imported is a `ConfigError` naming it.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added: sys.path.append(cwd)
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                raise ConfigError(f"cannot import the module '{name}' given with --import "
+                                  f'({type(e).__name__}: {e})') from None
+    finally:
+        if added: sys.path.remove(cwd)
+
+
+def _load_package_classes():
+    # The package's own trainer, model and sampler classes, so that resolve_class finds them.
+    import dwiml_nb.models  # noqa: F401
+    import dwiml_nb.please_copy_and_adapt.train_model  # noqa: F401
+    import dwiml_nb.sampler  # noqa: F401
+
+
+def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, new_patience=None, *, imports=(),
+                      **overrides):
+    """A trainer rebuilt from an experiment folder's checkpoint, ready for `train_and_validate()`.
+
+    `imports` are modules (the user's, never the checkpoint's) imported first, so that the
+    classes they define can be found by name.
+    """
+    import_user_modules(imports)
+    _load_package_classes()
     ckpt = load_checkpoint(experiments_path, experiment_name)
     path = experiment_paths(experiments_path, experiment_name)['checkpoint']
+    trainer_name = str(ckpt['trainer_class']).partition(':')[2] or 'YourTrainer'
     for key, what in (('trainer_class', 'trainer class'), ('model_class', 'model class')):
         module, _, qualname = str(ckpt[key]).partition(':')
         if module == '__main__':
             raise CheckpointError(
                 f"the {what} {qualname} was defined in the script or notebook that trained it (__main__), which "
                 f'cannot be imported from here: resume in that script or notebook with '
-                f'{ckpt["trainer_class"].partition(":")[2]}.init_from_checkpoint(model, {str(experiments_path)!r}, '
+                f'{trainer_name}.init_from_checkpoint(model, {str(experiments_path)!r}, '
                 f'{str(experiment_name)!r}, training_sampler, validation_sampler, new_max_epochs=...), '
                 'or move the class into a module', file=path)
-    trainer_cls = import_class(ckpt['trainer_class'], 'trainer class', file=path, base=DWIMLAbstractTrainer)
-    model_cls = import_class(ckpt['model_class'], 'model class', file=path, base=torch.nn.Module)
+    trainer_cls = resolve_class(ckpt['trainer_class'], DWIMLAbstractTrainer, 'trainer class', file=path,
+                                resume_with=trainer_name)
+    model_cls = resolve_class(ckpt['model_class'], torch.nn.Module, 'model class', file=path,
+                              resume_with=trainer_name)
     if ckpt['model_params'] is None:
         raise CheckpointError(f"the model {ckpt['model_class']} has no get_params(): it cannot be rebuilt from the "
                               'checkpoint; build it yourself and call DWIMLAbstractTrainer.init_from_checkpoint', file=path)
@@ -921,26 +1115,29 @@ def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, ne
 def _resume(argv):
     parser = cli_parser('dwiml_resume_training_from_checkpoint',
                         'Continue an experiment exactly where its latest checkpoint stands. The model and trainer '
-                        'classes must be importable (defined in a module, not in the script or notebook that '
-                        'trained it), and the model must have get_params().')
+                        'classes must be defined in a module (not in the script or notebook that trained it): '
+                        "the package's own, or one named with --import; the model must have get_params().")
     parser.add_argument('experiments_path', help='folder holding the experiments')
     parser.add_argument('experiment_name', help='name of the experiment (a subfolder of experiments_path)')
-    parser.add_argument('--new_max_epochs', type=int,
+    parser.add_argument('--new_max_epochs', type=positive_int,
                         help='train up to this many epochs in total (None: the max_epochs of the checkpoint)')
-    parser.add_argument('--new_patience', type=int,
+    parser.add_argument('--new_patience', type=positive_int,
                         help='new early-stopping patience in epochs (None: the patience of the checkpoint)')
-    parser.add_argument('--num_workers', type=int,
+    parser.add_argument('--num_workers', type=nonnegative_int,
                         help='DataLoader workers; results do not depend on it (None: as in the checkpoint)')
-    parser.add_argument('--num_threads', type=int,
+    parser.add_argument('--num_threads', type=positive_int,
                         help="torch threads while training (None: as in the checkpoint, else half the cores the "
                              'workers leave)')
+    parser.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
+                        help='import this module of yours first, so that the trainer, model or sampler classes it '
+                             'defines can be resumed (repeatable; the checkpoint never makes us import anything)')
     parser.add_argument('--no_progress', action='store_true', help='hide progress bars')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug messages')
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     overrides = {k: getattr(args, k) for k in ('num_workers', 'num_threads') if getattr(args, k) is not None}
     trainer = resume_experiment(args.experiments_path, args.experiment_name, args.new_max_epochs,
-                                args.new_patience, progress=not args.no_progress, **overrides)
+                                args.new_patience, imports=args.imports, progress=not args.no_progress, **overrides)
     trainer.train_and_validate()
 
 

@@ -261,7 +261,8 @@ def test_resume_script_refuses_a_model_class_it_cannot_import(one_epoch, capsys)
         resume_main([str(path), 'exp', '--new_max_epochs', '2', '--no_progress'])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "cannot import the model class 'no_such_module_here:Model'" in err and 'Traceback' not in err
+    assert "the model class 'no_such_module_here:Model' of the checkpoint is not a loaded subclass" in err
+    assert '--import no_such_module_here' in err and 'Traceback' not in err
 
 
 def test_resume_script_says_how_to_resume_a_class_of_a_notebook(one_epoch, capsys):

@@ -1,61 +1,67 @@
-"""Regenerate the README's pictures from a real demo run: a training batch in 3D and the training curves.
+"""Regenerate the README's pictures: screenshots of JupyterLab running the training notebook.
 
-    .venv/bin/python tools/make_readme_images.py [--out docs/images] [--max_epochs 4]
+    .venv/bin/python tools/make_readme_images.py [--out docs/images] [--max_epochs 6] [--max_batches_per_epoch 20]
 
-Builds the phantom demo data in a temporary folder, trains the example model briefly with the
-training notebook (papermill) for two learning rates, then writes
-  docs/images/batch_3d.png          one augmented training batch over an input slice (FURY, offscreen)
-  docs/images/training_curves.png   the two runs compared (dwiml_nb.viz_training, headless Chromium)
-Needs Mesa's Vulkan driver (3D) and Chromium (curves); takes a few minutes on 2 cores.
+Builds the phantom demo data in a temporary folder, starts JupyterLab and headless Chromium with the
+front-end tests' harness (tests/frontend/jupyter_ui.py), runs nbs/train_model.ipynb cell by cell as a
+person would, then saves element screenshots of what the page shows:
+  docs/images/batch_3d.png          the batch inspector (its controls and the live FURY canvas)
+  docs/images/training_curves.png   the training chart once training has ended
+Needs Mesa's Vulkan driver and Debian's chromium (tools/run.sh setup installs both); about a minute
+on 2 cores.
 """
 import argparse
-import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'tests' / 'frontend'))
+
+from jupyter_ui import (ANY_PLOT, INSPECTOR_CANVAS, Browser, JupyterServer, NotebookPage,  # noqa: E402
+                        coloured_pixels, notebook_with_parameters)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', type=Path, default=REPO / 'docs' / 'images', help='where the PNG files go')
-    parser.add_argument('--max_epochs', type=int, default=4)
-    parser.add_argument('--max_batches_per_epoch', type=int, default=12)
+    parser.add_argument('--max_epochs', type=int, default=6)
+    parser.add_argument('--max_batches_per_epoch', type=int, default=20)
+    parser.add_argument('--width', type=int, default=1300, help='browser window width (pixels)')
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
 
-    import papermill as pm
     from dwiml_nb.data import make_demo_dataset
-    from dwiml_nb.dataset import MultiSubjectDataset
-    from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
-    from dwiml_nb.viz_batch import render_batch_png
-    from dwiml_nb.viz_training import logs_figure, save_figure
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix='dwiml_readme_') as d:
         d = Path(d)
         hdf5 = make_demo_dataset(d / 'demo', which='phantom', progress=False).hdf5_files['phantom']
+        root = d / 'jupyter_root'
+        root.mkdir()
+        notebook_with_parameters(REPO / 'nbs' / 'train_model.ipynb', root / 'train_model.ipynb',
+                                 hdf5_file=str(hdf5), experiments_path=str(d / 'experiments'), experiment_name='demo',
+                                 max_epochs=args.max_epochs, max_batches_per_epoch=args.max_batches_per_epoch,
+                                 overwrite=True)
+        with JupyterServer(root, d / 'jupyter') as server, Browser(viewport=(args.width, 1000)) as browser:
+            page = browser.new_page()
+            nb = NotebookPage(page, server, 'train_model.ipynb').open()
+            start = time.monotonic()
+            for i in nb.code_cell_indices():
+                nb.run_cell(i, timeout=900)
+            print(f'ran the notebook in JupyterLab in {time.monotonic() - start:.0f} s')
+            page.wait_for_timeout(1500)   # the last canvas frame and chart redraw
 
-        dataset = MultiSubjectDataset(hdf5).load_data(progress=False)
-        sampler = BatchStreamlinesSamplerOneInput(dataset.training_set, 'streamlines', 'input', batch_size=150,
-                                                  seed=1234, step_size=1.0, split_ratio=0.3, reverse_ratio=0.5,
-                                                  noise_gaussian_size=0.1)
-        render_batch_png(sampler, args.out / 'batch_3d.png', size=(700, 700), color_by='direction',
-                         slice_axis='z', slice_index=None)
-        print(f"wrote {args.out / 'batch_3d.png'}")
-
-        runs = []
-        for name, lr in (('lr_3e-3', 3e-3), ('lr_3e-4', 3e-4)):
-            pm.execute_notebook(str(REPO / 'nbs' / 'train_model.ipynb'), str(d / f'{name}.ipynb'),
-                                kernel_name='python3', cwd=str(d), progress_bar=False,
-                                parameters=dict(hdf5_file=str(hdf5), experiments_path=str(d / 'exp'),
-                                                experiment_name=name, learning_rate=lr, max_epochs=args.max_epochs,
-                                                max_batches_per_epoch=args.max_batches_per_epoch, batch_size=100))
-            runs.append(d / 'exp' / name)
-        fig = logs_figure(runs, smooth=5, title='two learning rates on the phantom demo data')
-        save_figure(fig, args.out / 'training_curves.png', size=(1400, 800))
-        print(f"wrote {args.out / 'training_curves.png'}")
+            inspector = nb.output_with(INSPECTOR_CANVAS, nb.cell_index('BatchInspector(')).first
+            pictures = {'batch_3d.png': nb.output_screenshot(inspector),
+                        'training_curves.png': nb.output_screenshot(nb.output_with(ANY_PLOT).last)}
+            if coloured_pixels(pictures['batch_3d.png']) < 500:
+                raise SystemExit('the batch inspector shows no streamlines: pictures not written')
+            for name, png in pictures.items():
+                (args.out / name).write_bytes(png)
+                print(f'wrote {args.out / name}')
+            if page.console_errors:
+                print('console errors of the page:\n  ' + '\n  '.join(page.console_errors), file=sys.stderr)
 
 
 if __name__ == '__main__':

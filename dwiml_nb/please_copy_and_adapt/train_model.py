@@ -5,25 +5,27 @@
 # %% ../../nbs/10_train_model_script.ipynb 2
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from ..core import ConfigError, atomic_write, cli_parser, run_cli, setup_logging
+from ..core import (ConfigError, atomic_write, cli_parser, nonnegative_float, nonnegative_int, number_in_range,
+                           positive_float, positive_int, run_cli, setup_logging)
 from ..dataset import MultiSubjectDataset
 from ..interpolation import neighborhood_offsets
 from ..models import DirectionGetterModel, angular_error_degrees, compute_loss_on_batch, direction_targets
 from ..sampler import BatchStreamlinesSamplerOneInput
 from ..trackers import make_tracker
-from ..trainer import DWIMLAbstractTrainer, experiment_paths
+from ..trainer import DWIMLAbstractTrainer, check_experiments_path, experiment_paths
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'DirectionGetterTrainer', 'make_samplers', 'evaluate_angular_error', 'build_parser', 'train_model',
-           'train_model_main']
+__all__ = ['logger', 'MAX_NEIGHBORHOOD_RADIUS', 'MIN_STEP_SIZE', 'DirectionGetterTrainer', 'make_samplers',
+           'evaluate_angular_error', 'device_arg', 'build_parser', 'train_model', 'train_model_main']
 
 # %% ../../nbs/10_train_model_script.ipynb
 class DirectionGetterTrainer(DWIMLAbstractTrainer):
@@ -80,10 +82,30 @@ def evaluate_angular_error(model, sampler, device='cpu', epoch=0, max_batches=No
     return total / count
 
 # %% ../../nbs/10_train_model_script.ipynb
+MAX_NEIGHBORHOOD_RADIUS = 10   # (2r+1)^3 = 9261 points per point on a grid already
+MIN_STEP_SIZE = 0.01           # mm; smaller steps only make huge batches (0 still means no resampling)
+
+
 def _device(name):
     if name == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     return name
+
+
+def device_arg(text):
+    "argparse type of ``--device``: 'auto' or a torch device this machine has (cpu, cuda, cuda:1...)."
+    if text == 'auto': return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device: give auto, cpu, cuda or cuda:N") from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"'{text}': CUDA is not available on this machine "
+                                             '(torch.cuda.is_available() is False); use cpu or auto')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def build_parser():
@@ -98,44 +120,46 @@ def build_parser():
     p.add_argument('streamline_group', help='Streamline group giving the targets.')
     g = p.add_argument_group('data')
     g.add_argument('--lazy', action='store_true', help='Read the HDF5 lazily (bounded memory).')
-    g.add_argument('--cache_size', type=int, default=2, help='Volumes kept per process in lazy mode.')
-    g.add_argument('--batch_size', type=int, default=100, help='Streamlines per batch.')
-    g.add_argument('--step_size', type=float, default=1.0, help='Resampling step in mm (0: no resampling).')
+    g.add_argument('--cache_size', type=nonnegative_int, default=2, help='Volumes kept per process in lazy mode.')
+    g.add_argument('--batch_size', type=positive_int, default=100, help='Streamlines per batch.')
+    g.add_argument('--step_size', type=number_in_range(float, MIN_STEP_SIZE, also=(0,)), default=1.0,
+                   help=f'Resampling step in mm, >= {MIN_STEP_SIZE} (0: no resampling).')
     g.add_argument('--neighborhood_type', choices=['none', 'axes', 'grid'], default='axes',
                    help='Also interpolate the inputs at neighbours of each point: along the axes (6r+1 points) '
                         'or on a grid ((2r+1)^3 points).')
-    g.add_argument('--neighborhood_radius', type=int, default=1, help='Neighbourhood radius, in voxels.')
-    g.add_argument('--split_ratio', type=float, default=0.3,
+    g.add_argument('--neighborhood_radius', type=number_in_range(int, 0, MAX_NEIGHBORHOOD_RADIUS), default=1,
+                   help=f'Neighbourhood radius, in voxels (0 to {MAX_NEIGHBORHOOD_RADIUS}).')
+    g.add_argument('--split_ratio', type=number_in_range(float, 0, 1), default=0.3,
                    help='Fraction of training streamlines cut in two at a random point.')
-    g.add_argument('--reverse_ratio', type=float, default=0.5, help='Fraction of training streamlines reversed.')
-    g.add_argument('--noise_gaussian_size', type=float, default=0.1,
+    g.add_argument('--reverse_ratio', type=number_in_range(float, 0, 1), default=0.5, help='Fraction of training streamlines reversed.')
+    g.add_argument('--noise_gaussian_size', type=nonnegative_float, default=0.1,
                    help='Std of the Gaussian noise added to the training points, in mm (0: none).')
     g = p.add_argument_group('model')
-    g.add_argument('--hidden_size', type=int, default=64, help='Units of the recurrent layers.')
-    g.add_argument('--nb_layers', type=int, default=1, help='Number of recurrent layers.')
+    g.add_argument('--hidden_size', type=positive_int, default=64, help='Units of the recurrent layers.')
+    g.add_argument('--nb_layers', type=positive_int, default=1, help='Number of recurrent layers.')
     g.add_argument('--rnn', choices=['lstm', 'gru'], default='lstm', help='Recurrent layer type.')
     g = p.add_argument_group('training')
-    g.add_argument('--max_epochs', type=int, default=10, help='Epochs to train.')
-    g.add_argument('--learning_rate', type=float, default=3e-3, help="The optimizer's learning rate.")
-    g.add_argument('--weight_decay', type=float, default=0., help="The optimizer's weight decay.")
+    g.add_argument('--max_epochs', type=positive_int, default=10, help='Epochs to train.')
+    g.add_argument('--learning_rate', type=positive_float, default=3e-3, help="The optimizer's learning rate.")
+    g.add_argument('--weight_decay', type=nonnegative_float, default=0., help="The optimizer's weight decay.")
     g.add_argument('--optimizer', choices=['Adam', 'AdamW', 'RAdam', 'SGD'], default='Adam', help='Optimizer.')
-    g.add_argument('--clip_grad', type=float, default=1.0,
+    g.add_argument('--clip_grad', type=nonnegative_float, default=1.0,
                    help="Clip the gradient's total L2 norm to this value (0: no clipping).")
-    g.add_argument('--patience', type=int, default=None,
+    g.add_argument('--patience', type=positive_int, default=None,
                    help='Stop after this many epochs without improvement of the validation loss (None: never).')
-    g.add_argument('--max_batches_per_epoch_training', type=int, default=None,
+    g.add_argument('--max_batches_per_epoch_training', type=positive_int, default=None,
                    help='Cut training epochs to this many batches (None: every streamline once).')
-    g.add_argument('--max_batches_per_epoch_validation', type=int, default=None,
+    g.add_argument('--max_batches_per_epoch_validation', type=positive_int, default=None,
                    help='Cut validation epochs to this many batches (None: every streamline once).')
-    g.add_argument('--checkpoint_every_n_batches', type=int, default=None,
+    g.add_argument('--checkpoint_every_n_batches', type=positive_int, default=None,
                    help='Also checkpoint in the middle of epochs, every N training batches (None: at epoch ends).')
-    g.add_argument('--num_workers', type=int, default=0,
+    g.add_argument('--num_workers', type=nonnegative_int, default=0,
                    help='DataLoader worker processes (results do not depend on it).')
-    g.add_argument('--num_threads', type=int, default=None,
+    g.add_argument('--num_threads', type=positive_int, default=None,
                    help="torch threads while training (None: OMP_NUM_THREADS if set, else half of the cores the "
                         'workers leave).')
-    g.add_argument('--device', default='auto', help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    g.add_argument('--seed', type=int, default=1234, help='Seed of every random draw (batches, augmentation, model).')
+    g.add_argument('--device', type=device_arg, default='auto', help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
+    g.add_argument('--seed', type=nonnegative_int, default=1234, help='Seed of every random draw (batches, augmentation, model).')
     g.add_argument('--overwrite', action='store_true', help='Replace an existing experiment folder.')
     g.add_argument('--no_progress', action='store_true', help='Hide progress bars.')
     g.add_argument('--tracker', choices=['none', 'tensorboard', 'comet'], default='none',
@@ -150,6 +174,8 @@ def train_model(args):
 
     Under torchrun, only rank 0 returns the results (the other ranks return None).
     """
+    experiment_paths(args.experiments_path, args.experiment_name)   # a bad name is refused before any work
+    check_experiments_path(args.experiments_path)
     device = _device(args.device)
     dataset = MultiSubjectDataset(args.hdf5_file, lazy=args.lazy, cache_size=args.cache_size).load_data(
         progress=not args.no_progress)

@@ -1,0 +1,106 @@
+"""Checkpoint content that loads safely but is wrong: refused in one line, before anything is written."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dwiml_nb.core import CheckpointError
+from dwiml_nb.trainer import experiment_paths, load_checkpoint
+
+TESTS_DIR = Path(__file__).parent
+sys.path.insert(0, str(TESTS_DIR))
+from trainer_test_utils import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _wrong_optimizer_shape(ckpt):
+    state = ckpt['optimizer_state']['state']
+    first = next(iter(state))
+    state[first]['exp_avg'] = torch.zeros(7, 3)
+
+
+def _set(key, value):
+    def edit(ckpt): ckpt[key] = value
+    return edit
+
+
+def _set_in(key, sub, value):
+    def edit(ckpt): ckpt[key][sub] = value
+    return edit
+
+
+EDITS = [
+    ('optimizer state shape', _wrong_optimizer_shape, r"optimizer state 'exp_avg' has shape \(7, 3\) for a parameter"),
+    ('negative epoch', _set_in('position', 'epoch', -2), 'position.epoch is not an integer >= 0: -2'),
+    ('negative batches_done', _set_in('position', 'batches_done', -1), 'position.batches_done is not an integer >= 0'),
+    ('negative log size', _set_in('log_sizes', 'batches_csv', -100), 'log_sizes.batches_csv is not an integer >= 0: -100'),
+    ('float log size', _set_in('log_sizes', 'epochs_csv', 1.5), 'log_sizes.epochs_csv is not an integer >= 0: 1.5'),
+    ('unknown trainer parameter', _set_in('trainer_params', 'rm_rf', True),
+     r'unknown trainer parameter\(s\) rm_rf \(not accepted by ToyTrainer\)'),
+    ('history not a list', _set('history', {'a': 1}), 'history is not a list of per-epoch records'),
+    ('history of strings', _set('history', ['x']), 'history is not a list of per-epoch records'),
+    ('history too short', _set('history', []), 'history has 0 epoch.s. but the position is epoch 1'),
+    ('nan best loss', _set('best_valid_loss', math.nan), 'best_valid_loss is not a number: nan'),
+    ('string best loss', _set('best_valid_loss', 'low'), "best_valid_loss is not a number: 'low'"),
+    ('negative patience count', _set('patience_count', -1), 'patience_count is not an integer >= 0'),
+    ('trainer params not a dict', _set('trainer_params', [1, 2]), 'trainer_params is not a dict'),
+    ('no history', lambda c: c.pop('history'), "it has no 'history'"),
+]
+
+
+@pytest.fixture(scope='module')
+def pristine(tmp_path_factory):
+    path = tmp_path_factory.mktemp('exps')
+    make_toy_trainer(path, 'exp', max_epochs=1).train_and_validate()
+    return experiment_paths(path, 'exp')
+
+
+def _copy_experiment(pristine, tmp_path):
+    import shutil
+    shutil.copytree(pristine['root'], tmp_path / 'exp')
+    return experiment_paths(tmp_path, 'exp')
+
+
+def _snapshot(root):
+    return {p: p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('name, edit, message', EDITS, ids=[e[0] for e in EDITS])
+def test_wrong_checkpoint_content_is_refused_before_anything_is_written(tmp_path, pristine, name, edit, message):
+    paths = _copy_experiment(pristine, tmp_path)
+    ckpt = torch.load(paths['checkpoint'], weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, paths['checkpoint'])
+    before = _snapshot(paths['root'])
+    with pytest.raises(CheckpointError, match=message) as err:
+        trainer = ToyTrainer.init_from_checkpoint(ToyModel(), tmp_path, 'exp', ToySampler(ToySubset('training')),
+                                                  ToySampler(ToySubset('validation')), new_max_epochs=2,
+                                                  progress=False)
+        trainer.train_and_validate()
+    assert f"file '{paths['checkpoint']}'" in str(err.value) and '\n' not in str(err.value)
+    assert _snapshot(paths['root']) == before
+
+
+def test_the_pristine_checkpoint_passes(pristine):
+    assert load_checkpoint(pristine['root'].parent, 'exp')['position'] == {'epoch': 1, 'batches_done': 0}
+
+
+@pytest.mark.parametrize('name, edit, message', [EDITS[1], EDITS[9]], ids=[EDITS[1][0], EDITS[9][0]])
+def test_resume_script_says_it_in_one_line(tmp_path, pristine, name, edit, message):
+    paths = _copy_experiment(pristine, tmp_path)
+    ckpt = torch.load(paths['checkpoint'], weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, paths['checkpoint'])
+    before = _snapshot(paths['root'])
+    run = subprocess.run([BIN / 'dwiml_resume_training_from_checkpoint', tmp_path, 'exp', '--import',
+                          'trainer_test_utils', '--no_progress'], capture_output=True, text=True, timeout=120,
+                         env={**__import__('os').environ, 'PYTHONPATH': str(TESTS_DIR)})
+    assert run.returncode == 2 and 'Traceback' not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: file '{paths['checkpoint']}': "), run.stderr
+    assert 'the checkpoint is damaged or was edited' in lines[0]
+    assert _snapshot(paths['root']) == before
