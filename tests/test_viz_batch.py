@@ -36,14 +36,6 @@ def sampler(hdf5_file):
                                            split_ratio=0.5, reverse_ratio=0.5, noise_gaussian_size=0.1, seed=7)
 
 
-@pytest.fixture(scope='module')
-def can_render():
-    try:
-        check_rendering()
-    except RenderingUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture
 def no_gpu(monkeypatch):
     "A probe that crashes, as wgpu would without a driver; the real answer comes back afterwards."

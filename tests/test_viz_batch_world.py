@@ -34,14 +34,6 @@ def truth_and_sampler(tmp_path_factory):
     return truth, sampler
 
 
-@pytest.fixture(scope='module')
-def can_render():
-    try:
-        check_rendering()
-    except RenderingUnavailable as e:
-        pytest.skip(str(e))
-
-
 def test_every_subject_is_drawn_in_ras_mm_through_its_own_affine(truth_and_sampler):
     truth, sampler = truth_and_sampler
     subset = sampler.source_data
