@@ -22,8 +22,8 @@ import numpy as np
 # %% auto 0
 __all__ = ['positive_int', 'nonnegative_int', 'positive_float', 'nonnegative_float', 'finite_float', 'DwimlError', 'DataError',
            'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging', 'cli_parser', 'run_cli',
-           'number_in_range', 'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines', 'offsets_from_lengths',
-           'ranges_to_indices']
+           'number_in_range', 'check_parameters', 'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines',
+           'offsets_from_lengths', 'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -269,6 +269,56 @@ nonnegative_int = number_in_range(int, 0)
 positive_float = number_in_range(float, 0, strict_minimum=True)
 nonnegative_float = number_in_range(float, 0)
 finite_float = number_in_range(float)
+
+# %% ../nbs/00_core.ipynb
+def check_parameters(values, spec):
+    """Refuse (`ConfigError`) parameters whose type is not their spec's, naming each one and how to write it.
+
+    Parameters
+    ----------
+    values : dict
+        ``{name: value}``, e.g. a notebook's ``globals()`` (names not in `spec` are ignored).
+    spec : dict
+        ``{name: type or tuple of types}`` among ``bool``, ``int``, ``float``, ``str``, ``list``,
+        ``dict`` and ``None`` (then None is accepted).
+
+    Returns
+    -------
+    dict
+        The checked ``{name: value}`` of `spec`'s names present in `values`.
+    """
+    problems = []
+    for name, kinds in spec.items():
+        if name not in values: continue
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = values[name]
+        if not any(_is_kind(value, k) for k in kinds):
+            problems.append(_parameter_problem(name, value, kinds))
+    if problems:
+        raise ConfigError('; '.join(problems))
+    return {name: values[name] for name in spec if name in values}
+
+
+def _is_kind(value, kind):
+    if kind is None: return value is None
+    if kind is bool: return isinstance(value, bool)
+    if kind is int: return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _parameter_problem(name, value, kinds):
+    names = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a text', None: 'None'}
+    wanted = ' or '.join(names.get(k, getattr(k, '__name__', str(k))) for k in kinds)
+    got = f'the text {value!r}' if isinstance(value, str) else f'{value!r} ({type(value).__name__})'
+    message = f'parameter {name} must be {wanted}, got {got}'
+    if isinstance(value, str) and bool in kinds:
+        word = 'False' if value.strip().lower() in ('false', 'no', 'n', 'off', '0', '') else 'True'
+        message += (f' (papermill passes text as it is: write -p {name} {word}, capitalised, '
+                    f'or -y "{name}: {word.lower()}")')
+    elif isinstance(value, str):
+        message += f' (with papermill: -p {name} <number>, or -y "{name}: <number>")'
+    return message
 
 # %% ../nbs/00_core.ipynb
 def in_jupyter_kernel():

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import html
 import logging
 import os
@@ -18,12 +19,14 @@ import torch
 
 from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, offsets_from_lengths, progress_bar,
                            ranges_to_indices)
-from .hdf5 import H5PY_READ_ERRORS, open_dwiml_hdf5, read_group_attrs, read_root_attrs
+from .augment import streamline_lengths_mm
+from .hdf5 import H5PY_READ_ERRORS, open_dwiml_hdf5, read_group_attrs, read_root_attrs, validate_hdf5
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'read_packed_streamlines', 'StreamlineGroupInfo', 'MultiSubjectSubset', 'MultiSubjectDataset']
+__all__ = ['logger', 'FINGERPRINT_SAMPLE_BYTES', 'BOUNDS_MARGIN_VOX', 'read_packed_streamlines', 'StreamlineGroupInfo',
+           'hdf5_fingerprint', 'MultiSubjectSubset', 'MultiSubjectDataset']
 
 # %% ../nbs/02_dataset.ipynb
 def _covering_runs(starts, ends, min_hole):
@@ -70,6 +73,26 @@ def read_packed_streamlines(data, offsets, lengths, ids, *, min_hole=1024):
     starts_in_buffer = starts - run_starts[run_of] + run_in_buffer[run_of]
     points = buffer[ranges_to_indices(starts_in_buffer, out_lengths)]
     return PackedStreamlines(points.astype(np.float32, copy=False), offsets_from_lengths(out_lengths), out_lengths)
+
+# %% ../nbs/02_dataset.ipynb
+def _subject_group(name):
+    "(subject, group) of an HDF5 path '/subject/group/...' (None where absent)."
+    parts = name.strip('/').split('/')
+    return (parts[0] if len(parts) > 1 else None), (parts[1] if len(parts) > 2 else None)
+
+
+def _read_failure(name, error):
+    return (f"dataset '{name}' cannot be read: a chunk fails its checksum (flipped bits) or the file is "
+            f'corrupted (h5py: {type(error).__name__}: {error})')
+
+
+def _read_checked(dset, selection=(), *, file):
+    "``dset[selection]``; a read failure becomes a `DataError` naming the file, subject, group and dataset."
+    try:
+        return dset[selection]
+    except H5PY_READ_ERRORS as e:
+        subject, group = _subject_group(dset.name)
+        raise DataError(_read_failure(dset.name, e), file=file, subject=subject, group=group) from e
 
 # %% ../nbs/02_dataset.ipynb
 @dataclass
@@ -119,21 +142,21 @@ def _read_streamline_group(h5group, *, file, subject, group):
     attrs = read_group_attrs(h5group)
     shape = h5group['data'].shape
     if len(shape) != 2 or shape[1] != 3: raise bad(f"streamline 'data' has shape {shape}, expected (N_points, 3)")
-    lengths = np.asarray(h5group['lengths'][()], dtype=np.int64).reshape(-1)
-    offsets = np.asarray(h5group['offsets'][()], dtype=np.int64).reshape(-1)
+    lengths = np.asarray(_read_checked(h5group['lengths'], file=file), dtype=np.int64).reshape(-1)
+    offsets = np.asarray(_read_checked(h5group['offsets'], file=file), dtype=np.int64).reshape(-1)
     if len(offsets) != len(lengths):
         raise bad(f"has {len(offsets)} offsets but {len(lengths)} lengths")
     if len(lengths) and (lengths.min() < 0 or offsets.min() < 0 or (offsets + lengths).max() > shape[0]):
         raise bad(f"offsets/lengths point outside the {shape[0]} stored points")
     if 'euclidean_lengths' in h5group:
-        euclid = np.asarray(h5group['euclidean_lengths'][()], dtype=np.float64).reshape(-1)
+        euclid = np.asarray(_read_checked(h5group['euclidean_lengths'], file=file), dtype=np.float64).reshape(-1)
         if len(euclid) != len(lengths): raise bad(f"has {len(euclid)} euclidean_lengths for {len(lengths)} streamlines")
     else:
         euclid = np.full(len(lengths), np.nan)
     dps = {}
     if 'data_per_streamline' in h5group:
         for key, dset in h5group['data_per_streamline'].items():
-            values = np.asarray(dset[()])
+            values = np.asarray(_read_checked(dset, file=file))
             if len(values) != len(lengths): raise bad(f"data_per_streamline '{key}' has {len(values)} rows for {len(lengths)} streamlines")
             dps[key] = values
     info = StreamlineGroupInfo(
@@ -146,19 +169,116 @@ def _read_streamline_group(h5group, *, file, subject, group):
         nb_points_stored=int(shape[0]))
     if info.space != 'Space.VOX' or info.origin != 'Origin.TRACKVIS':
         raise bad(f"streamlines are in {info.space}/{info.origin}; expected Space.VOX/Origin.TRACKVIS (voxel space, corner origin)")
+    if len(euclid) and not (np.isfinite(euclid).all() and (euclid >= 0).all()):
+        info.euclidean_lengths = _recomputed_euclidean_lengths(h5group, info, file=file, subject=subject, group=group)
     return info, dps
+
+
+def _recomputed_euclidean_lengths(h5group, info, *, file, subject, group):
+    """Lengths in mm computed from the points, for a group without valid ``euclidean_lengths``.
+
+    The samplers' batch budgets count mm: without lengths one batch would take a whole subject.
+    """
+    what = 'missing' if 'euclidean_lengths' not in h5group else 'NaN/Inf or negative'
+    logger.warning("subject '%s', group '%s', file '%s': euclidean_lengths %s; recomputing them from the points",
+                   subject, group, file, what)
+    points = _finite(_read_checked(h5group['data'], file=file).astype(np.float32, copy=False), 'the streamline points',
+                     file=file, subject=subject, group=group)
+    to_mm = info.affine if 'affine' in h5group.attrs else info.voxel_sizes
+    return streamline_lengths_mm(PackedStreamlines(points, info.offsets, info.lengths), to_mm)
+
+# %% ../nbs/02_dataset.ipynb
+FINGERPRINT_SAMPLE_BYTES = 1024
+
+
+def _sample_rows(dset, at_end):
+    "About `FINGERPRINT_SAMPLE_BYTES` of `dset`'s raw data at its start (or end), as bytes."
+    if dset.size == 0 or dset.ndim == 0: return np.asarray(dset[()]).tobytes()
+    lead = (-1 if at_end else 0,) * max(dset.ndim - 2, 0)  # one 2-D slab of a volume, not a whole slab stack
+    row_bytes = max(1, int(np.prod(dset.shape[len(lead) + 1:], dtype=np.int64)) * dset.dtype.itemsize)
+    n = min(dset.shape[len(lead)], max(1, FINGERPRINT_SAMPLE_BYTES // row_bytes))
+    rows = slice(-n, None) if at_end else slice(0, n)
+    return np.ascontiguousarray(dset[lead + (rows,)]).tobytes()
+
+
+def _fingerprint_open(f):
+    "The fingerprint of an open h5py.File (see `hdf5_fingerprint`)."
+    h = hashlib.sha256()
+    h.update(f'size={f.id.get_filesize()};'.encode())
+    for k in sorted(f.attrs): h.update(f'@{k}={f.attrs[k]!r};'.encode())
+    def visit(name, node):
+        h.update(f'/{name}:{type(node).__name__};'.encode())
+        for k in sorted(node.attrs): h.update(f'@{k}={node.attrs[k]!r};'.encode())
+        if isinstance(node, h5py.Dataset):
+            h.update(f'{node.shape}{node.dtype.str}{node.id.get_storage_size()};'.encode())
+            try:
+                h.update(_sample_rows(node, False)); h.update(_sample_rows(node, True))
+            except H5PY_READ_ERRORS as e:
+                raise DataError(_read_failure(node.name, e), file=f.filename, subject=_subject_group(node.name)[0],
+                                group=_subject_group(node.name)[1]) from e
+    f.visititems(visit)
+    return h.hexdigest()[:16]
+
+
+def hdf5_fingerprint(path):
+    """A short string that identifies an HDF5 file's content, cheaply.
+
+    Parameters
+    ----------
+    path : str or Path or h5py.File
+        The file, or an open handle to it.
+
+    Returns
+    -------
+    str
+        16 hex digits of a SHA-256 over the file size, the root and group attributes and, for
+        every dataset, its path, shape, dtype, storage size and first and last kilobyte of raw
+        data. A rebuilt file (other subjects, other data, another build date) gives another
+        string; reading it costs a few small reads per dataset.
+
+    Raises
+    ------
+    DataError
+        When the file cannot be read.
+    """
+    if isinstance(path, h5py.File): return _fingerprint_open(path)
+    try:
+        with h5py.File(path, 'r') as f: return _fingerprint_open(f)
+    except H5PY_READ_ERRORS as e:
+        raise DataError(f'cannot be read to compute its fingerprint ({type(e).__name__}: {e})', file=path) from e
 
 # %% ../nbs/02_dataset.ipynb
 class _PerProcessFile:
-    "Opens an HDF5 file lazily, once per process; never pickles the handle."
-    def __init__(self, path):
+    """Opens an HDF5 file lazily, once per process; never pickles the handle.
+
+    Once ``fingerprint`` is set (by `MultiSubjectDataset.load_data`), every (re)open checks that
+    the file still has it, and raises `DataError` when the file changed (was rebuilt) meanwhile.
+    """
+    def __init__(self, path, fingerprint=None):
         self.path, self._handle, self._pid, self._nodes = Path(path), None, None, {}
+        self.fingerprint = fingerprint
 
     def get(self):
         if self._handle is None or self._pid != os.getpid():
             # After a fork the inherited handle belongs to the parent: forget it, do not close it.
-            self._handle, self._pid, self._nodes = open_dwiml_hdf5(self.path), os.getpid(), {}
+            handle = open_dwiml_hdf5(self.path)
+            try:
+                self._check_unchanged(handle)
+            except BaseException:
+                handle.close()
+                raise
+            self._handle, self._pid, self._nodes = handle, os.getpid(), {}
         return self._handle
+
+    def _check_unchanged(self, handle):
+        if self.fingerprint is None: return
+        try:
+            now = hdf5_fingerprint(handle)
+        except H5PY_READ_ERRORS as e:
+            raise DataError(f'cannot be read: it is truncated or corrupted ({type(e).__name__}: {e})', file=self.path) from e
+        if now != self.fingerprint:
+            raise DataError(f'the HDF5 file changed since the dataset was loaded (rebuilt?): fingerprint {now}, '
+                            f'expected {self.fingerprint}; load the dataset again', file=self.path)
 
     def node(self, name):
         "The group or dataset at `name`, looked up once per handle (a lookup costs as much as a small read)."
@@ -173,8 +293,8 @@ class _PerProcessFile:
         self._handle = self._pid = None
         self._nodes = {}
 
-    def __getstate__(self): return {'path': self.path}
-    def __setstate__(self, state): self.__init__(state['path'])
+    def __getstate__(self): return {'path': self.path, 'fingerprint': self.fingerprint}
+    def __setstate__(self, state): self.__init__(state['path'], state.get('fingerprint'))
 
 # %% ../nbs/02_dataset.ipynb
 class _LRUCache:
@@ -263,10 +383,11 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
                           f'{self.streamline_groups}', file=self.hdf5_file, group=group)
 
     def _read(self, subject, group, read):
+        name = f'/{subject.name}/{group}/data'
         try:
-            return read(self._opener.node(f'{subject.name}/{group}/data'))
+            return read(self._opener.node(name))
         except H5PY_READ_ERRORS as e:
-            raise DataError(f'cannot be read ({e})', file=self.hdf5_file, subject=subject.name, group=group) from e
+            raise DataError(_read_failure(name, e), file=self.hdf5_file, subject=subject.name, group=group) from e
 
     # --- volumes ---
     def get_volume(self, subj_idx, group):
@@ -278,7 +399,7 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
         self._check_group(group, 'volume')
         if not self.lazy: return subject.volumes[group]
         return self._cache.get((subject.name, group), lambda: torch.from_numpy(_finite(
-            self._read(subject, group, lambda data: _as_4d(data[()])), 'the volume values',
+            self._read(subject, group, lambda data: _as_4d(data[()].astype(np.float32, copy=False))), 'the volume values',
             file=self.hdf5_file, subject=subject.name, group=group)))
 
     def get_volume_affine(self, subj_idx, group):
@@ -336,6 +457,7 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
         info = subject.streamline_info[group]
         streams = self._read(subject, group, lambda data: read_packed_streamlines(data, info.offsets, info.lengths, ids))
         _finite(streams.data, 'the streamline points', file=self.hdf5_file, subject=subject.name, group=group)
+        _in_volume(streams.data, info.dimensions, file=self.hdf5_file, subject=subject.name, group=group)
         return streams
 
     def get_dps(self, subj_idx, group, key, ids):
@@ -390,6 +512,20 @@ def _finite(array, what, *, file, subject, group):
         raise DataError(f'{what} contain {bad} NaN/Inf value(s)', file=file, subject=subject, group=group)
     return array
 
+
+BOUNDS_MARGIN_VOX = 1.0
+
+
+def _in_volume(points, dims, *, file, subject, group):
+    # A point far outside the grid (1e8 voxels: a damaged or foreign file) would make the
+    # interpolation index far outside the volume: refuse it when it is read.
+    if not len(points) or not np.any(dims): return points
+    low, high = points.min(axis=0), points.max(axis=0)
+    if (low < -BOUNDS_MARGIN_VOX).any() or (high > np.asarray(dims) + BOUNDS_MARGIN_VOX).any():
+        raise DataError(f'streamline points span {low.tolist()}..{high.tolist()} (voxels), outside the volume '
+                        f'{list(map(int, dims))} plus {BOUNDS_MARGIN_VOX} voxel', file=file, subject=subject, group=group)
+    return points
+
 # %% ../nbs/02_dataset.ipynb
 class MultiSubjectDataset:
     """All subjects of a dwi_ml HDF5 file, split in training / validation / testing subsets.
@@ -402,6 +538,12 @@ class MultiSubjectDataset:
         Read volumes and streamlines on demand (bounded memory) instead of all at load.
     cache_size : int
         Lazy mode: volumes kept in memory per subset and per process (0: none).
+
+    Attributes
+    ----------
+    fingerprint : str or None
+        `hdf5_fingerprint` of the file when `load_data` read it. In lazy mode every process that
+        reopens the file (DataLoader workers) checks it and raises `DataError` if it changed.
 
     Examples
     --------
@@ -416,6 +558,7 @@ class MultiSubjectDataset:
         self.step_size = self.nb_points = self.compress = None
         self.groups_config, self.data_and_time = {}, None
         self.training_set = self.validation_set = self.testing_set = None
+        self.fingerprint = None  # `hdf5_fingerprint` of the file, set by load_data
 
     @property
     def subsets(self):
@@ -426,6 +569,9 @@ class MultiSubjectDataset:
         opener = _PerProcessFile(self.hdf5_file)
         try:
             f = opener.get()
+            # Lazy readers (DataLoader workers) reopen the file: they check it is still this one.
+            self.fingerprint = opener.fingerprint = hdf5_fingerprint(f)
+            validate_hdf5(f, self.hdf5_file, lazy=self.lazy)  # every object, attribute and dataset header
             self._read_header(f)
             lists = {'training': self._subject_list('training_subjs'),
                      'validation': self._subject_list('validation_subjs'),
@@ -491,13 +637,16 @@ class MultiSubjectDataset:
             if kind == 'volume':
                 affines[group], shapes[group] = self._volume_meta(g, name, group)
                 if not self.lazy: volumes[group] = torch.from_numpy(_finite(
-                    _as_4d(g['data'][()].astype(np.float32, copy=False)), 'the volume values',
+                    _as_4d(_read_checked(g['data'], file=self.hdf5_file).astype(np.float32, copy=False)), 'the volume values',
                     file=self.hdf5_file, subject=name, group=group))
             else:
                 infos[group], dps[group] = _read_streamline_group(g, file=self.hdf5_file, subject=name, group=group)
+                if 'dimensions' not in g.attrs and shapes:  # a foreign file: the subject's grid bounds the points
+                    infos[group].dimensions = np.asarray(next(iter(shapes.values()))[:3], dtype=np.int64)
                 if not self.lazy:
-                    points = _finite(g['data'][()].astype(np.float32, copy=False), 'the streamline points',
+                    points = _finite(_read_checked(g['data'], file=self.hdf5_file).astype(np.float32, copy=False), 'the streamline points',
                                      file=self.hdf5_file, subject=name, group=group)
+                    _in_volume(points, infos[group].dimensions, file=self.hdf5_file, subject=name, group=group)
                     streamlines[group] = PackedStreamlines(points, infos[group].offsets, infos[group].lengths)
         return _Subject(name, affines, shapes, infos, dps, volumes, streamlines)
 

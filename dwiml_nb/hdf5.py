@@ -10,11 +10,13 @@ import datetime
 import json
 import logging
 import os
+import posixpath
 from pathlib import Path
 
 import h5py
 import nibabel as nib
 import numpy as np
+import psutil
 
 from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
                            cli_parser, offsets_from_lengths, progress_bar, run_cli, setup_logging)
@@ -30,11 +32,11 @@ log = logging.getLogger(__name__)
 # %% auto 0
 __all__ = ['log', 'NOT_DEFINED', 'H5PY_READ_ERRORS', 'REQUIRED_ROOT_ATTRS', 'GROUP_TYPES', 'VOLUME_KEYS', 'STREAMLINE_KEYS',
            'UNSUPPORTED_KEYS', 'STANDARDIZATIONS', 'SUBSETS', 'GRID_ATOL', 'STD_EPSILON', 'TRACTOGRAM_SUFFIXES',
-           'BORDER_TOLERANCE_VOX', 'ROOM_MARGIN_BYTES', 'DESCRIBE_FORMAT_VERSION', 'open_dwiml_hdf5', 'read_root_attrs',
-           'read_group_attrs', 'load_groups_config', 'read_subject_list', 'check_subject_lists', 'load_volume',
-           'check_same_grid', 'standardize', 'build_volume_group', 'load_tractogram_vox', 'resample_sft',
-           'build_streamline_group', 'create_hdf5_dataset', 'describe_hdf5', 'format_description', 'create_hdf5_main',
-           'describe_main']
+           'BORDER_TOLERANCE_VOX', 'ROOM_MARGIN_BYTES', 'CHUNK_TARGET_BYTES', 'POINTS_CHUNK_BYTES',
+           'DESCRIBE_FORMAT_VERSION', 'open_dwiml_hdf5', 'read_root_attrs', 'read_group_attrs', 'validate_hdf5',
+           'load_groups_config', 'read_subject_list', 'check_subject_lists', 'load_volume', 'check_same_grid',
+           'standardize', 'build_volume_group', 'load_tractogram_vox', 'resample_sft', 'build_streamline_group',
+           'create_hdf5_dataset', 'describe_hdf5', 'format_description', 'create_hdf5_main', 'describe_main']
 
 # %% ../nbs/01_hdf5.ipynb
 NOT_DEFINED = 'Not defined by user'
@@ -93,6 +95,8 @@ def _check_layout(f, path):
     missing = [a for a in REQUIRED_ROOT_ATTRS if a not in f.attrs]
     if missing:
         raise DataError(f'is not a dwi_ml HDF5 file: root attribute(s) {missing} missing', file=path)
+    _check_root_attr_types(f, path)
+    _check_objects(f, path)
     attrs = read_root_attrs(f)
     for subset in ('training_subjs', 'validation_subjs', 'testing_subjs'):
         for subj in attrs[subset]:
@@ -160,8 +164,11 @@ def read_root_attrs(h5file):
     a = h5file.attrs
     try:
         config = _parse_config(a['groups_config']) if 'groups_config' in a else {}
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, TypeError) as e:
         raise DataError(f'groups_config attribute cannot be parsed ({e})', file=h5file.filename) from e
+    if not isinstance(config, dict):
+        raise DataError(f'groups_config attribute is a {type(config).__name__} once parsed; expected a dict '
+                        '{group_name: {"type": ..., ...}}', file=h5file.filename)
     training, validation, testing = (_str_list(a.get(k)) for k in ('training_subjs', 'validation_subjs', 'testing_subjs'))
     chosen = _str_list(a['chosen_subjs']) if 'chosen_subjs' in a else [*training, *validation, *testing]
     return {'data_and_time': _str(a.get('data_and_time')), 'chosen_subjs': chosen,
@@ -184,6 +191,238 @@ def read_group_attrs(h5group):
         elif isinstance(v, np.ndarray) and v.dtype.kind == 'O': v = _str_list(v)
         out[k] = v
     return out
+
+
+def _kind_of(value):
+    "How an attribute value looks, for messages: 'a str', 'an int64 array of shape (3,)'..."
+    if isinstance(value, (str, bytes)): return f'a {type(value).__name__} ({value[:40]!r})'
+    if isinstance(value, np.ndarray): return f'a {value.dtype} array of shape {value.shape}'
+    if isinstance(value, np.generic): return f'a {value.dtype} scalar'
+    return f'a {type(value).__name__}'
+
+
+_STRING_KINDS = 'OSU'
+
+
+def _is_str_attr(value):
+    return isinstance(value, (str, bytes)) or (isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in _STRING_KINDS)
+
+
+def _check_root_attr_types(f, path):
+    "Types of the root attributes: subject lists of strings, a groups_config dict, numbers or text."
+    a = f.attrs
+    for key in ('chosen_subjs', 'training_subjs', 'validation_subjs', 'testing_subjs'):
+        if key not in a: continue
+        value = a[key]
+        ok = _is_str_attr(value) or (isinstance(value, np.ndarray) and value.ndim <= 1 and value.dtype.kind in _STRING_KINDS
+                                     and all(isinstance(v, (str, bytes, np.str_, np.bytes_)) for v in value.ravel()))
+        if not ok: raise DataError(f"root attribute '{key}' is {_kind_of(value)}; expected a list of subject names (strings)", file=path)
+    config = a.get('groups_config')
+    if config is not None and not _is_str_attr(config):
+        raise DataError(f"root attribute 'groups_config' is {_kind_of(config)}; expected a str holding a dict (JSON or Python repr)", file=path)
+    for key in ('step_size', 'nb_points', 'compress'):
+        value = a.get(key)
+        if value is None or _is_str_attr(value): continue
+        if not (isinstance(value, (int, float, np.integer, np.floating)) or
+                (isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in 'iuf')):
+            raise DataError(f"root attribute '{key}' is {_kind_of(value)}; expected a number or '{NOT_DEFINED}'", file=path)
+
+# %% ../nbs/01_hdf5.ipynb
+def _where(name):
+    "(subject, group) of an HDF5 path 'subject/group/...' (None where absent)."
+    parts = [p for p in name.split('/') if p]
+    return (parts[0] if parts else None), (parts[1] if len(parts) > 1 else None)
+
+
+def _check_object(f, path, name, link):
+    "One link of the file: a hard link to a plain group or to a dataset stored in the file."
+    subject, group = _where(name)
+    def bad(msg): return DataError(f"object '/{name}' {msg}", file=path, subject=subject, group=group)
+    if isinstance(link, h5py.ExternalLink):
+        raise bad(f"is an external link to '{link.filename}:{link.path}'; dwi_ml files hold no links")
+    if isinstance(link, h5py.SoftLink):
+        raise bad(f"is a soft link to '{link.path}'; dwi_ml files hold no links (an alias or a reference outside)")
+    if not isinstance(link, h5py.HardLink): raise bad(f'is a {type(link).__name__}, expected a plain object')
+    node = f[name]
+    if isinstance(node, h5py.Dataset):
+        if node.is_virtual: raise bad('is a virtual dataset (its data lives in other files); expected plain data')
+        if node.external: raise bad(f'stores its raw data in external file(s) {[e[0] for e in node.external]}; '
+                                    'expected data inside the HDF5 file')
+    elif not isinstance(node, h5py.Group):
+        raise bad(f'is a {type(node).__name__}; expected only groups and datasets')
+
+
+def _check_objects(f, path):
+    "Refuse links, external or virtual storage, named datatypes, and subjects aliasing another."
+    problems = []  # an exception raised inside h5py's visit callback would come out as a SystemError
+
+    def visit(name, link):
+        try:
+            _check_object(f, path, name, link)
+        except DataError as e:
+            problems.append(e)
+            return True  # stops the visit
+    f.visititems_links(visit)
+    if problems: raise problems[0]
+    seen = {}
+    for name in f:  # a second hard link to a subject's group makes two "subjects" of one
+        addr = h5py.h5o.get_info(f[name].id).addr
+        if addr in seen:
+            raise DataError(f"is the same HDF5 object as subject '{seen[addr]}' (a hard link); each subject must be "
+                            'stored once', file=path, subject=name)
+        seen[addr] = name
+
+
+def _normalized_subject(name):
+    return posixpath.normpath('/' + name).lstrip('/')
+
+
+def _check_subject_names(root, path):
+    "Every subject once over the three lists, names compared after normalizing ('/s', './s', 's')."
+    seen = {}
+    for subset in ('training_subjs', 'validation_subjs', 'testing_subjs'):
+        for name in root[subset]:
+            norm = _normalized_subject(name)
+            if not norm or norm.startswith('..') or norm == '.':
+                raise DataError(f'is not a usable subject name (in {subset})', file=path, subject=name)
+            if norm in seen:
+                first_subset, first_name = seen[norm]
+                where = f'twice in {subset}' if first_subset == subset else f'in both {first_subset} and {subset}'
+                raise DataError(f"is listed {where} (as '{first_name}' and '{name}')", file=path, subject=norm)
+            seen[norm] = (subset, name)
+
+# %% ../nbs/01_hdf5.ipynb
+# attribute -> (dtype kinds accepted, shape, what to say)
+_GROUP_ATTRS = {
+    'volume': {'affine': ('iuf', (4, 4), 'a 4×4 array of numbers'), 'voxres': ('iuf', (3,), '3 numbers'),
+               'nb_features': ('iu', (), 'an integer')},
+    'streamlines': {'affine': ('iuf', (4, 4), 'a 4×4 array of numbers'), 'dimensions': ('iu', (3,), '3 integers'),
+                    'voxel_sizes': ('iuf', (3,), '3 numbers'), 'voxel_order': ('str', None, 'a str'),
+                    'space': ('str', None, 'a str'), 'origin': ('str', None, 'a str')},
+}
+
+
+def _check_group_attrs(node, path, subject, group, kind):
+    "Type and shape of each known attribute of a volume or streamline group (absent ones are allowed)."
+    for key, (kinds, shape, what) in _GROUP_ATTRS[kind].items():
+        if key not in node.attrs: continue
+        value = node.attrs[key]
+        if kinds == 'str':
+            ok = _is_str_attr(value)
+        else:
+            arr = np.asarray(value)
+            ok = arr.dtype.kind in kinds and (arr.shape == shape or (shape == () and arr.size == 1))
+            ok = ok and (arr.dtype.kind != 'f' or bool(np.isfinite(arr).all()))
+        if not ok:
+            raise DataError(f"attribute '{key}' is {_kind_of(value)}; expected {what}" +
+                            ('' if kinds == 'str' else ', finite'), file=path, subject=subject, group=group)
+    if kind == 'streamlines' and 'dimensions' in node.attrs and (np.asarray(node.attrs['dimensions']) <= 0).any():
+        raise DataError(f"attribute 'dimensions' is {list(node.attrs['dimensions'])}; expected 3 integers > 0",
+                        file=path, subject=subject, group=group)
+
+# %% ../nbs/01_hdf5.ipynb
+# dataset -> (dtype kinds accepted, accepted numbers of dimensions, what to say)
+_GROUP_DATASETS = {
+    'volume': {'data': ('biuf', (3, 4), 'a 3-D or 4-D array of real numbers (float, int or bool)')},
+    'streamlines': {'data': ('iuf', (2,), 'an (N_points, 3) array of real numbers'),
+                    'offsets': ('iu', (1,), 'a 1-D array of integers'), 'lengths': ('iu', (1,), 'a 1-D array of integers'),
+                    'euclidean_lengths': ('iuf', (1, 2), 'a 1-D array of numbers')},
+}
+
+
+def _check_group_datasets(node, path, subject, group, kind):
+    "The datasets a group must (data; offsets and lengths for streamlines) or may hold: dtype and shape."
+    def bad(msg): return DataError(msg, file=path, subject=subject, group=group)
+    required = ('data',) if kind == 'volume' else ('data', 'offsets', 'lengths')
+    for name in required:
+        if name not in node: raise bad(f"{kind} group has no '{name}' dataset")
+    for name, (kinds, ndims, what) in _GROUP_DATASETS[kind].items():
+        if name not in node: continue
+        dset = node[name]
+        if not isinstance(dset, h5py.Dataset): raise bad(f"'{name}' is a group; expected {what}")
+        if dset.dtype.kind not in kinds or dset.ndim not in ndims:
+            raise bad(f"dataset '{name}' is a {dset.dtype} array of shape {dset.shape}; expected {what}")
+    if kind == 'streamlines':
+        if node['data'].shape[1] != 3: raise bad(f"dataset 'data' has shape {node['data'].shape}; expected (N_points, 3)")
+        dps = node.get('data_per_streamline')
+        if dps is not None:
+            if not isinstance(dps, h5py.Group): raise bad("'data_per_streamline' is a dataset; expected a group of datasets")
+            for key, d in dps.items():
+                if not isinstance(d, h5py.Dataset) or d.dtype.kind not in 'biuf':
+                    raise bad(f"data_per_streamline '{key}' is {d.dtype if isinstance(d, h5py.Dataset) else 'a group'}; "
+                              'expected an array of numbers')
+
+
+_MAX_INDEX = 2 ** 62  # offsets and lengths below this add up without overflowing int64
+
+
+def _index_array(dset, path, subject, group):
+    values = dset[()]
+    if values.size and (int(values.max()) >= _MAX_INDEX or int(values.min()) < 0):
+        raise DataError(f"dataset '{dset.name.rsplit('/', 1)[-1]}' holds {int(values.min())}..{int(values.max())}; "
+                        f'expected integers in [0, 2**62)', file=path, subject=subject, group=group)
+    return values.astype(np.int64, copy=False).reshape(-1)
+
+
+def _check_offsets(node, path, subject, group):
+    "Offsets and lengths: as many, >= 0, and offset + length within the stored points (no overflow)."
+    offsets, lengths = (_index_array(node[n], path, subject, group) for n in ('offsets', 'lengths'))
+    nb_points = int(node['data'].shape[0])
+    if len(offsets) != len(lengths):
+        raise DataError(f'has {len(offsets)} offsets but {len(lengths)} lengths', file=path, subject=subject, group=group)
+    if len(offsets) and int((offsets + lengths).max()) > nb_points:  # both < 2**62: the sum fits in int64
+        first = int(np.argmax(offsets + lengths > nb_points))
+        raise DataError(f'offsets/lengths point outside the {nb_points} stored points (first: streamline #{first}, '
+                        f'offset {offsets[first]}, length {lengths[first]})', file=path, subject=subject, group=group)
+
+
+def _check_fits_in_ram(f, path, subjects, volume_groups, streamline_groups):
+    "RAM mode holds every volume and point as float32: refuse before allocating what cannot fit."
+    needed = sum(int(np.prod(f[s][g]['data'].shape, dtype=object)) * 4
+                 for s in subjects for g in [*volume_groups, *streamline_groups] if g in f[s] and 'data' in f[s][g])
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise DataError(f'holding it in RAM needs {needed / 1e9:.1f} GB (float32) but only {available / 1e9:.1f} GB '
+                        'are available; load it with lazy=True', file=path)
+
+# %% ../nbs/01_hdf5.ipynb
+def validate_hdf5(f, path, lazy=True):
+    """Check a whole dwi_ml HDF5 file before any data is used; raise `DataError` naming what is wrong.
+
+    Parameters
+    ----------
+    f : h5py.File
+        Open (see `open_dwiml_hdf5`, which already checked the basic layout).
+    path : str or Path
+        Named in the messages.
+    lazy : bool
+        False: also refuse a file whose data does not fit in the memory available now.
+
+    Raises
+    ------
+    DataError
+        Naming file, subject and group: links, external or virtual storage, a subject listed twice
+        (after normalizing names) or aliasing another, an attribute or dataset of the wrong type
+        or shape, offsets/lengths outside the stored points, data too big for RAM.
+    """
+    _check_objects(f, path)
+    _check_root_attr_types(f, path)
+    root = read_root_attrs(f)
+    _check_subject_names(root, path)
+    types = {g: (c or {}).get('type') if isinstance(c, dict) else None for g, c in root['groups_config'].items()}
+    bad = {g: t for g, t in types.items() if t not in GROUP_TYPES}
+    if bad: raise DataError(f'groups_config has groups of unknown type {bad}; expected one of {list(GROUP_TYPES)}', file=path)
+    subjects = [s for k in ('training_subjs', 'validation_subjs', 'testing_subjs') for s in root[k]]
+    for subject in subjects:
+        for group, kind in types.items():
+            if group not in f[subject]: continue  # the dataset says which groups must be there
+            node = f[subject][group]
+            _check_group_attrs(node, path, subject, group, kind)
+            _check_group_datasets(node, path, subject, group, kind)
+            if kind == 'streamlines': _check_offsets(node, path, subject, group)
+    if not lazy:
+        _check_fits_in_ram(f, path, subjects, [g for g, t in types.items() if t == 'volume'],
+                           [g for g, t in types.items() if t == 'streamlines'])
 
 # %% ../nbs/01_hdf5.ipynb
 VOLUME_KEYS = ('type', 'files', 'standardization', 'std_mask')
@@ -596,10 +835,30 @@ class _RoomGuard:
                                     file=self.out_file)
 
 
-def _write_array(group, name, data, room):
+CHUNK_TARGET_BYTES = 1 << 20  # volumes and per-streamline arrays: always read whole
+POINTS_CHUNK_BYTES = 64 << 10  # streamline points: batches read scattered streamlines
+
+
+def _chunk_shape(shape, itemsize, target=CHUNK_TARGET_BYTES):
+    """Chunks of whole rows along the first axis, about ``target`` bytes each (None: empty).
+
+    Readers take row ranges (whole volume slabs; a batch's streamlines), so a read touches only
+    the chunks it needs. Every chunk touched is read and checksummed whole: the points, read a few
+    streamlines at a time in random batches, get small chunks (measured: 1 MiB chunks made a
+    random batch ~6x slower than unchunked, 64 KiB about 2x); volumes get 1 MiB (whole slabs).
+    """
+    if len(shape) == 0 or 0 in shape: return None
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * int(itemsize))
+    return (int(min(shape[0], max(1, target // row_bytes))), *map(int, shape[1:]))
+
+
+def _write_array(group, name, data, room, chunk_bytes=CHUNK_TARGET_BYTES):
     data = np.asarray(data)
     if room is not None: room(group.file, data.nbytes)
-    group.create_dataset(name, data=data)
+    # fletcher32: every chunk carries a checksum that libhdf5 verifies on each read, so a flipped
+    # bit in the raw numbers is refused instead of trained on. It needs chunking (not for empty arrays).
+    chunks = _chunk_shape(data.shape, data.dtype.itemsize, chunk_bytes)
+    group.create_dataset(name, data=data, chunks=chunks, fletcher32=chunks is not None)
 
 # %% ../nbs/01_hdf5.ipynb
 def _optional_attr(value): return NOT_DEFINED if value is None else value
@@ -734,7 +993,7 @@ def _write_subject(subj_group, subj_dir, subj, config, volume_groups, room=None,
         g.attrs['voxel_sizes'] = np.asarray(voxel_sizes, dtype=np.float32)
         g.attrs['voxel_order'] = str(voxel_order)
         streams = built['streamlines']
-        _write_array(g, 'data', streams.data, room)
+        _write_array(g, 'data', streams.data, room, POINTS_CHUNK_BYTES)
         _write_array(g, 'offsets', streams.offsets.astype(np.int64), room)
         _write_array(g, 'lengths', streams.lengths.astype(np.int64), room)
         _write_array(g, 'euclidean_lengths', built['euclidean_lengths'], room)
@@ -760,6 +1019,7 @@ def describe_hdf5(path):
 
 def _describe_open_file(path):
     with open_dwiml_hdf5(path) as f:
+        validate_hdf5(f, path)
         root = read_root_attrs(f)
         config = root['groups_config']
         volume_groups = [g for g, c in config.items() if c.get('type') == 'volume']

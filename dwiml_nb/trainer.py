@@ -10,7 +10,10 @@ import contextlib
 import contextvars
 import csv
 import errno
+import fcntl
+import hashlib
 import importlib
+import io
 import inspect
 import json
 import logging
@@ -18,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import sys
 import time
 from functools import partial
@@ -35,10 +39,13 @@ logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'BATCH_COLUMNS', 'EPOCH_COLUMNS', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'OPTIMIZERS', 'CHECKPOINT_FORMAT',
-           'NonFiniteLossError', 'check_experiment_name', 'check_experiments_path', 'experiment_paths', 'CsvLog',
-           'NullLog', 'get_rng_states', 'set_rng_states', 'seed_everything', 'class_path', 'loaded_subclasses',
-           'resolve_class', 'load_checkpoint', 'checkpoint_content_problem', 'check_model_state', 'sampler_spec',
-           'usable_cores', 'default_torch_threads', 'choose_torch_threads', 'DWIMLAbstractTrainer',
+           'TRAINER_SETTINGS', 'WRITTEN_FOLDERS', 'NonFiniteLossError', 'check_experiment_name',
+           'check_experiments_path', 'experiment_paths', 'CsvLog', 'NullLog', 'get_rng_states', 'set_rng_states',
+           'seed_everything', 'class_path', 'loaded_subclasses', 'resolve_class', 'load_checkpoint',
+           'checkpoint_content_problem', 'check_model_state', 'checkpoint_digest', 'check_checkpoint_digest',
+           'sampler_spec', 'source_fingerprints', 'relocate_hdf5', 'check_same_hdf5', 'usable_cores',
+           'default_torch_threads', 'choose_torch_threads', 'check_samplers_have_batches', 'check_trainer_settings',
+           'check_resume_has_work', 'ExperimentLock', 'check_no_symlinks', 'DWIMLAbstractTrainer',
            'import_user_modules', 'resume_experiment', 'resume_main']
 
 # %% ../nbs/07_trainer.ipynb
@@ -104,7 +111,7 @@ def experiment_paths(experiments_path, experiment_name):
 
 # %% ../nbs/07_trainer.ipynb
 class CsvLog:
-    """An append-only CSV file with fixed columns, flushed after every row.
+    """An append-only CSV file with fixed columns, flushed after every row, with a running SHA-256.
 
     Parameters
     ----------
@@ -117,22 +124,28 @@ class CsvLog:
     def __init__(self, path, columns):
         self.path, self.columns = Path(path), tuple(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, 'a', newline='')
+        self._file = open(self.path, 'a', newline='', encoding='utf-8')
+        self._sha256 = hashlib.sha256()
         if self._file.tell() == 0:
             self._write(self.columns)
         else:
-            with open(self.path, newline='') as f:
+            self._sha256 = _file_sha256(self.path, self._file.tell())   # once, when a resume reopens it
+            with open(self.path, newline='', encoding='utf-8') as f:
                 self.columns = tuple(next(csv.reader(f), None) or self.columns)
 
     def _write(self, values):
+        line = io.StringIO()
+        csv.writer(line, lineterminator='\n').writerow(values)
+        text = line.getvalue()
         try:
-            csv.writer(self._file, lineterminator='\n').writerow(values)
+            self._file.write(text)
             self._file.flush()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise DiskFullError(f'cannot be written: {os.strerror(e.errno).lower()}; the last checkpoint is '
                                     'intact: free some space, then resume', file=self.path) from e
             raise
+        self._sha256.update(text.encode('utf-8'))
 
     def append(self, record):
         "Write one row from a dict (missing columns are left empty)."
@@ -142,6 +155,10 @@ class CsvLog:
         "Bytes written so far (a checkpoint stores it)."
         return self._file.tell()
 
+    def digest(self):
+        "SHA-256 (hex) of the `size()` bytes written so far (a checkpoint stores it)."
+        return self._sha256.hexdigest()
+
     def close(self):
         # After a failed write the buffer still holds the row: closing flushes it and fails again.
         # A resume cuts the log back to the checkpoint's size, so a lost partial row does no harm.
@@ -149,22 +166,42 @@ class CsvLog:
             self._file.close()
 
     @staticmethod
-    def truncate(path, size, *, checkpoint=None):
-        "Cut `path` back to `size` bytes; a shorter file means the log lost rows the checkpoint counts."
+    def truncate(path, size, *, checkpoint=None, sha256=None):
+        """Cut `path` back to `size` bytes, after checking that they are the ones the checkpoint recorded.
+
+        A shorter file means the log lost rows the checkpoint counts; first `size` bytes whose SHA-256
+        is not `sha256` (when the checkpoint has one) mean the log was edited or replaced.
+        """
         path = Path(path)
         actual = path.stat().st_size if path.exists() else 0
         if actual < size:
             raise CheckpointError(f'log has {actual} bytes but the checkpoint {checkpoint} counts {size}: '
                                   'it was cut or replaced after the checkpoint', file=path)
+        if sha256 is not None and _file_sha256(path, size).hexdigest() != sha256:
+            raise CheckpointError(f'log is not the one the checkpoint {checkpoint} was written with (its first {size} '
+                                  'bytes differ: it was edited or replaced): put the log of this experiment back, or '
+                                  'start a new experiment (another experiment_name, or overwrite=True)', file=path)
         if actual > size:
             with open(path, 'r+b') as f:
                 f.truncate(size)
+
+
+def _file_sha256(path, size):
+    "A hashlib SHA-256 object fed with the first `size` bytes of `path` (read in 1 MiB chunks)."
+    h, left = hashlib.sha256(), int(size)
+    with open(path, 'rb') as f:
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk: break
+            h.update(chunk); left -= len(chunk)
+    return h
 
 
 class NullLog:
     "What ranks other than 0 write instead of a `CsvLog`: nothing."
     def append(self, record): pass
     def size(self): return 0
+    def digest(self): return None
     def close(self): pass
 
 
@@ -289,6 +326,7 @@ def load_checkpoint(experiments_path, experiment_name):
     if _major_minor(ckpt.get('dwiml_nb_version')) != _major_minor(dwiml_nb.__version__):
         raise CheckpointError(f"was written by dwiml_nb {ckpt.get('dwiml_nb_version')}, this is "
                               f'{dwiml_nb.__version__} (major.minor differ): resume it with that version', file=path)
+    check_checkpoint_digest(ckpt, path)
     problem = checkpoint_content_problem(ckpt)
     if problem:
         raise CheckpointError(f'{problem}: the checkpoint is damaged or was edited; resume from another one or '
@@ -342,6 +380,14 @@ def checkpoint_content_problem(ckpt):
     if not isinstance(ckpt['sampler_states'].get('training'), dict): return 'sampler_states has no training state'
     for key in ('state', 'param_groups'):
         if key not in ckpt['optimizer_state']: return f"optimizer_state has no '{key}'"
+    prints = ckpt.get('hdf5_fingerprints', {})
+    if not isinstance(prints, dict) or not all(isinstance(k, str) and isinstance(v, (str, type(None)))
+                                               for k, v in prints.items()):
+        return f'hdf5_fingerprints is not a dict of fingerprints: {prints!r:.80}'
+    digests = ckpt.get('log_sha256', {})   # (older checkpoints have none)
+    if not isinstance(digests, dict) or not all(
+            v is None or (isinstance(v, str) and len(v) == 64) for v in digests.values()):
+        return f'log_sha256 is not a dict of SHA-256 hex digests: {digests!r:.80}'
     return ''
 
 
@@ -370,6 +416,52 @@ def check_model_state(model, state, file=None):
                  (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', shapes)) if v]
         raise CheckpointError(f'the checkpoint is for another model ({type(model).__name__} does not fit: '
                               + '; '.join(parts) + ')', file=file)
+
+# %% ../nbs/07_trainer.ipynb
+def checkpoint_digest(ckpt):
+    """SHA-256 (hex) of a checkpoint's content: every tensor's dtype, shape and raw bytes, every other value.
+
+    Everything but the recipe of the model (``trainer_class``, ``model_class``, ``model_params``:
+    `resolve_class` checks the names against the loaded classes and `check_model_state` the model
+    they build against the state) and the digest itself is covered. The same
+    content gives the same digest before `torch.save` and after `torch.load`.
+    """
+    h = hashlib.sha256()
+    _feed_digest(h, {k: v for k, v in ckpt.items() if k not in _UNDIGESTED})
+    return h.hexdigest()
+
+
+_UNDIGESTED = ('content_sha256', 'trainer_class', 'model_class', 'model_params')
+
+
+def _feed_digest(h, obj):
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f'D{len(obj)};'.encode())
+        for k, v in obj.items():
+            _feed_digest(h, k); _feed_digest(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f'L{len(obj)};'.encode())
+        for v in obj: _feed_digest(h, v)
+    else:
+        h.update(f'{type(obj).__name__}:{obj!r};'.encode('utf-8', 'surrogatepass'))
+
+
+def check_checkpoint_digest(ckpt, path=None):
+    """Refuse (`CheckpointError`) a checkpoint whose content does not have its recorded SHA-256.
+
+    A checkpoint of an older version has no record: it loads, with a warning.
+    """
+    recorded = ckpt.get('content_sha256')
+    if recorded is None:
+        logger.warning('%s has no checksum (written by an older dwiml_nb): its content cannot be verified', path)
+    elif recorded != checkpoint_digest(ckpt):
+        raise CheckpointError('checksum mismatch: the file was altered or damaged after it was written (its content '
+                              'no longer has the SHA-256 recorded in it); resume from a copy of it, or start again',
+                              file=path)
 
 # %% ../nbs/07_trainer.ipynb
 def _json_safe(obj):
@@ -404,9 +496,98 @@ def sampler_spec(sampler):
         if all(hasattr(sampler, n) for n in names):
             params = {n: getattr(sampler, n) for n in names}
     source = getattr(sampler, 'source_data', None)
+    hdf5_file = getattr(source, 'hdf5_file', None)
     return {'class': class_path(sampler), 'params': _json_safe(params),
-            'source': {'hdf5_file': str(getattr(source, 'hdf5_file', '')) or None,
+            # absolute: a resume from another working directory finds the same file
+            'source': {'hdf5_file': os.path.abspath(hdf5_file) if hdf5_file not in (None, '') else None,
                        'set_name': getattr(source, 'set_name', None), 'lazy': bool(getattr(source, 'lazy', False))}}
+
+# %% ../nbs/07_trainer.ipynb
+def _hdf5_fingerprint(path):
+    "`dwiml_nb.dataset.hdf5_fingerprint` of `path`, or None when that function or the file is not there."
+    try:
+        from dwiml_nb.dataset import hdf5_fingerprint
+    except ImportError:
+        return None
+    try:
+        return hdf5_fingerprint(path)
+    except (DwimlError, OSError):
+        return None
+
+
+def source_fingerprints(samplers, cache=None):
+    "``{hdf5 path: fingerprint}`` of the samplers' sources (`sampler_spec` dicts); `cache` keeps them between calls."
+    cache = {} if cache is None else cache
+    found = {}
+    for spec in samplers.values():
+        path = spec['source']['hdf5_file'] if spec else None
+        if not path: continue
+        if path not in cache: cache[path] = _hdf5_fingerprint(path)
+        found[path] = cache[path]
+    return found
+
+
+def relocate_hdf5(ckpt, hdf5_file=None, accept_changed_hdf5=False, file=None):
+    """The checkpoint's sampler specs, with the HDF5 file moved to `hdf5_file` (when given) and checked.
+
+    Parameters
+    ----------
+    ckpt : dict
+        A checkpoint (`load_checkpoint`).
+    hdf5_file : path-like, optional
+        Where the checkpoint's HDF5 file (``ckpt['hdf5_file']``) is now.
+    accept_changed_hdf5 : bool
+        Resume on a file whose fingerprint differs from the checkpoint's (with a warning).
+    file : path-like, optional
+        The checkpoint, named in messages.
+
+    Raises
+    ------
+    CheckpointError
+        The file is not there, or it changed since the checkpoint (and that is not accepted).
+    """
+    samplers = {role: None if spec is None else {**spec, 'source': dict(spec['source'])}
+                for role, spec in ckpt['samplers'].items()}
+    recorded = ckpt.get('hdf5_fingerprints') or {}
+    for spec in samplers.values():
+        source = spec and spec['source']
+        if not source or not source.get('hdf5_file'): continue
+        original = source['hdf5_file']
+        if hdf5_file is not None and original == ckpt.get('hdf5_file'):
+            source['hdf5_file'] = os.path.abspath(hdf5_file)
+        path, expected = source['hdf5_file'], recorded.get(original)
+        if expected is None and hdf5_file is None: continue   # (an older checkpoint: nothing recorded)
+        if not Path(path).is_file():
+            raise CheckpointError(f"the HDF5 file '{path}' of the checkpoint is not there (moved?): pass --hdf5_file "
+                                  'PATH (hdf5_file=) to say where it is now', file=file)
+        now = _hdf5_fingerprint(path)
+        if expected is not None and now != expected:
+            if not accept_changed_hdf5:
+                raise CheckpointError(f"the HDF5 file '{path}' changed since the checkpoint (rebuilt?): its fingerprint "
+                                      f'is {now}, the checkpoint recorded {expected}; pass --accept_changed_hdf5 '
+                                      '(accept_changed_hdf5=True) to resume anyway', file=file)
+            logger.warning('resuming on %s although it changed since the checkpoint (fingerprint %s, was %s)',
+                           path, now, expected)
+    return samplers
+
+
+def check_same_hdf5(ckpt, training_sampler, accept_changed_hdf5=False, file=None):
+    """Refuse (`CheckpointError`) a training sampler whose HDF5 file is not the checkpoint's (another fingerprint).
+
+    For resumes from Python (`DWIMLAbstractTrainer.init_from_checkpoint`), where the user builds the
+    samplers: the file may have moved, but its fingerprint must be the one recorded.
+    """
+    expected = (ckpt.get('hdf5_fingerprints') or {}).get(ckpt.get('hdf5_file'))
+    spec = sampler_spec(training_sampler)
+    path = spec['source']['hdf5_file'] if spec else None
+    if expected is None or not path: return
+    now = _hdf5_fingerprint(path)
+    if now is None or now == expected: return
+    if not accept_changed_hdf5:
+        raise CheckpointError(f"the training sampler reads '{path}', whose fingerprint {now} is not the checkpoint's "
+                              f"{expected} (the HDF5 file changed since the checkpoint, rebuilt?, or it is another "
+                              'file): pass accept_changed_hdf5=True to resume anyway', file=file)
+    logger.warning('resuming on %s although it changed since the checkpoint (fingerprint %s, was %s)', path, now, expected)
 
 # %% ../nbs/07_trainer.ipynb
 def usable_cores():
@@ -453,6 +634,187 @@ def _step(batch):
     "Position of a batch in the plan this process runs (``batch_index`` for samplers without ``step``)."
     step = getattr(batch, 'step', None)
     return int(batch.batch_index if step is None else step)
+
+# %% ../nbs/07_trainer.ipynb
+def _source_name(sampler):
+    source = getattr(sampler, 'source_data', None)
+    return getattr(source, 'set_name', None) or '?', getattr(source, 'hdf5_file', None) or None
+
+
+def check_samplers_have_batches(training, validation=None):
+    """Refuse (`ConfigError`) a sampler that plans no batch, naming the sampler and its subset.
+
+    Parameters
+    ----------
+    training, validation : sampler or None
+        Samplers following the `dwiml_nb.sampler` contract (``len(sampler)`` batches per epoch).
+    """
+    for role, sampler in (('training', training), ('validation', validation)):
+        if sampler is None: continue
+        try:
+            nb_batches = len(sampler)
+        except TypeError:   # a sampler without len(): nothing to check here
+            continue
+        if nb_batches == 0:
+            set_name, hdf5_file = _source_name(sampler)
+            fix = (' or train without validation (batch_sampler_validation=None)' if role == 'validation'
+                   else '')
+            raise ConfigError(f'the {role} sampler ({class_path(sampler)}) plans 0 batches: its {set_name} subset has '
+                              f'no streamline; put subjects with streamlines in the {set_name} set{fix}',
+                              file=hdf5_file)
+
+
+# name: (integer?, minimum, minimum excluded?, None accepted?)
+TRAINER_SETTINGS = {'max_epochs': (True, 0, True, False), 'learning_rate': (False, 0, True, False),
+                    'weight_decay': (False, 0, False, False), 'seed': (True, None, False, False),
+                    'patience_delta': (False, 0, False, False), 'num_workers': (True, 0, False, False),
+                    'patience': (True, 0, True, True), 'clip_grad': (False, 0, True, True),
+                    'max_batches_per_epoch_training': (True, 0, True, True),
+                    'max_batches_per_epoch_validation': (True, 0, True, True),
+                    'checkpoint_every_n_batches': (True, 0, True, True)}
+
+
+def check_trainer_settings(settings):
+    "Refuse (`ConfigError`) trainer settings of the wrong type (a text, a bool, NaN) or range (`TRAINER_SETTINGS`)."
+    for name, value in settings.items():
+        integer, minimum, strict, optional = TRAINER_SETTINGS[name]
+        if value is None and optional: continue
+        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be {'an integer' if integer else 'a finite number'}"
+                              f"{' or None' if optional else ''}, got {value!r}")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            bound = 'positive' if strict else f'>= {minimum}'
+            raise ConfigError(f"{name} must be {bound}{' or None' if optional else ''}, got {value}")
+
+
+def check_resume_has_work(epochs_done, max_epochs, patience_count=0, patience=None, file=None):
+    "Refuse (`ConfigError`) a resume that would train nothing: max_epochs reached or early stopping done."
+    if epochs_done >= max_epochs:
+        raise ConfigError(f'the experiment has already trained {epochs_done} epoch(s) and max_epochs is {max_epochs}: '
+                          f'nothing to do; pass new_max_epochs (--new_max_epochs) above {epochs_done} to train further',
+                          file=file)
+    if patience is not None and patience_count >= patience:
+        raise ConfigError(f'early stopping already ended this experiment ({patience_count} epoch(s) without '
+                          f'improvement, patience {patience}): pass new_patience (--new_patience) above '
+                          f'{patience_count} to train further', file=file)
+
+# %% ../nbs/07_trainer.ipynb
+class ExperimentLock:
+    """An exclusive, non-blocking lock on an experiment folder: ``<experiment>/.lock`` (`fcntl.flock`).
+
+    Use it as a context manager, or `acquire` / `release`. A second holder, in this process or another,
+    gets a `ConfigError` at once naming the pid that holds it.
+    """
+    def __init__(self, root):
+        self.root = Path(root)
+        self.path = self.root / '.lock'
+        self._fd = None
+
+    def acquire(self):
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as e:
+                why = 'is a symbolic link' if e.errno == errno.ELOOP else f'cannot be opened ({e.strerror or e})'
+                raise ConfigError(f'{why}: the experiment folder cannot be locked', file=self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES): raise
+                raise ConfigError(f"another process{f' (pid {holder})' if holder else ''} is training this experiment "
+                                  f'(it holds {self.path.name}): wait for it to end or stop it; two trainers in one '
+                                  'folder would mix their logs and checkpoints', file=self.root) from None
+            if _same_file(self.path, fd): break
+            os.close(fd)   # the file we locked was removed by its previous holder: lock the new one
+        else:
+            raise ConfigError('keeps being replaced: the experiment folder cannot be locked', file=self.path)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self._fd = fd
+        _HELD_LOCKS.add(fd)
+        return self
+
+    def release(self):
+        if self._fd is None: return
+        fd, self._fd = self._fd, None
+        _HELD_LOCKS.discard(fd)
+        with contextlib.suppress(OSError):
+            if _same_file(self.path, fd): os.unlink(self.path)
+        os.close(fd)   # closing releases the flock
+
+    def __enter__(self): return self.acquire()
+
+    def __exit__(self, *exc): self.release()
+
+
+# A forked child (a DataLoader worker) would share the lock and keep it after a killed trainer:
+# children close their copy at once, so the lock lives exactly as long as the trainer's process.
+_HELD_LOCKS = set()
+
+
+def _close_held_locks():
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError): os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_held_locks)
+
+
+def _same_file(path, fd):
+    try:
+        a, b = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _read_pid(fd):
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    return None
+
+
+def _lock_experiment(paths):
+    "The held `ExperimentLock` of an experiment with no symbolic link inside, or (problem, file) when refused."
+    try:
+        lock = ExperimentLock(paths['root']).acquire()
+    except ConfigError as e:
+        return (e.problem, None if e.file is None else str(e.file))
+    try:
+        check_no_symlinks(paths)
+    except ConfigError as e:
+        lock.release()
+        return (e.problem, None if e.file is None else str(e.file))
+    return lock
+
+# %% ../nbs/07_trainer.ipynb
+WRITTEN_FOLDERS = ('checkpoint', 'best_model', 'last_model', 'logs')
+
+
+def check_no_symlinks(paths):
+    """Refuse (`ConfigError`) a symbolic link among the folders and files a trainer writes in an experiment.
+
+    `paths` is `experiment_paths`' dict. Checked with `os.lstat` (the link itself, never its target).
+    """
+    root = paths['root']
+    candidates = [root / '.lock', *(root / d for d in WRITTEN_FOLDERS),
+                  *(paths[k] for k in ('checkpoint', 'parameters', 'best_model', 'last_model', 'batches_csv',
+                                       'epochs_csv')),
+                  *(paths['logs'] / f'{name}.npy' for name in EPOCH_ARRAYS)]
+    for path in candidates:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:   # missing (or under a missing folder): nothing to follow
+            continue
+        if stat.S_ISLNK(mode):
+            raise ConfigError('is a symbolic link inside the experiment folder: the trainer writes, appends to, '
+                              'truncates and deletes these files in place and would change what the link points '
+                              'to; replace the link with a real folder or file', file=path)
 
 # %% ../nbs/07_trainer.ipynb
 _RESUMING = contextvars.ContextVar('dwiml_trainer_resuming', default=False)
@@ -529,13 +891,16 @@ class DWIMLAbstractTrainer:
                  overwrite=False, progress=True, num_threads=None):
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer '{optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-        for name, value in (('learning_rate', learning_rate), ('max_epochs', max_epochs)):
-            if not value > 0: raise ConfigError(f'{name} must be positive, got {value}')
-        for name, value in (('max_batches_per_epoch_training', max_batches_per_epoch_training),
-                            ('max_batches_per_epoch_validation', max_batches_per_epoch_validation),
-                            ('patience', patience), ('checkpoint_every_n_batches', checkpoint_every_n_batches),
-                            ('clip_grad', clip_grad)):
-            if value is not None and not value > 0: raise ConfigError(f'{name} must be positive or None, got {value}')
+        check_trainer_settings(dict(
+            max_epochs=max_epochs, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+            patience_delta=patience_delta, num_workers=num_workers, patience=patience, clip_grad=clip_grad,
+            max_batches_per_epoch_training=max_batches_per_epoch_training,
+            max_batches_per_epoch_validation=max_batches_per_epoch_validation,
+            checkpoint_every_n_batches=checkpoint_every_n_batches))
+        if not isinstance(overwrite, (bool, np.bool_)):
+            raise ConfigError(f'overwrite must be True or False, got {overwrite!r} ({type(overwrite).__name__}): a '
+                              "text like 'false' would count as true and delete the experiment")
+        check_samplers_have_batches(batch_sampler_training, batch_sampler_validation)
         self.distributed = init_distributed()
         device = torch.device(device)
         if self.distributed.is_distributed and device.type == 'cuda':
@@ -566,6 +931,8 @@ class DWIMLAbstractTrainer:
         self.history = []          # one record per finished epoch
         self._accumulators = self._new_accumulators()
         self._log_sizes = {'batches_csv': 0, 'epochs_csv': 0}
+        self._log_digests = {}     # SHA-256 of the logs' first log_sizes bytes, from the checkpoint
+        self._fingerprints = {}    # hdf5 path -> fingerprint, computed at the first checkpoint
         self._check_samplers_are_sharded()
         self.resumed_from_checkpoint = _RESUMING.get()
         if not self.resumed_from_checkpoint:
@@ -620,17 +987,22 @@ class DWIMLAbstractTrainer:
         root = self.paths['root']
         produced = [root / n for n in ('checkpoint', 'best_model', 'last_model', 'logs')]
         refused = None
-        if self.is_main_process and any(p.exists() for p in produced):
+        if self.is_main_process and any(os.path.lexists(p) for p in produced):
             if not overwrite:
-                refused = str(root)
+                refused = ('the experiment folder already exists: pass overwrite=True to start again, or '
+                           'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
+                           'dwiml_resume_training_from_checkpoint)', str(root))
             else:
-                for p in produced: shutil.rmtree(p, ignore_errors=True)
+                try:
+                    check_no_symlinks(self.paths)
+                    with ExperimentLock(root):   # never delete under a running trainer
+                        for p in produced: shutil.rmtree(p, ignore_errors=True)
+                except ConfigError as e:
+                    refused = (e.problem, None if e.file is None else str(e.file))
         # Rank 0 decides for all: every rank refuses together, none waits forever at a barrier.
         refused = broadcast_object(refused)
         if refused is not None:
-            raise ConfigError('the experiment folder already exists: pass overwrite=True to start again, or '
-                              'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
-                              'dwiml_resume_training_from_checkpoint)', file=refused)
+            raise ConfigError(refused[0], file=refused[1])
         if self.is_main_process:
             try:
                 root.mkdir(parents=True, exist_ok=True)
@@ -651,11 +1023,27 @@ class DWIMLAbstractTrainer:
         -------
         list of dict
             One record per finished epoch (the rows of logs/epochs.csv).
+
+        Raises
+        ------
+        ConfigError
+            Another process trains this experiment (`ExperimentLock`), or a symbolic link is inside it.
         """
+        lock = _lock_experiment(self.paths) if self.is_main_process else None
+        refused = broadcast_object(lock if isinstance(lock, tuple) else None)
+        if refused is not None:
+            raise ConfigError(refused[0], file=refused[1])
+        try:
+            return self._train_and_validate()
+        finally:
+            if lock is not None: lock.release()
+
+    def _train_and_validate(self):
         if self.is_main_process:
             if self.resumed_from_checkpoint:
                 for key in ('batches_csv', 'epochs_csv'):
-                    CsvLog.truncate(self.paths[key], self._log_sizes[key], checkpoint=self.paths['checkpoint'])
+                    CsvLog.truncate(self.paths[key], self._log_sizes[key], checkpoint=self.paths['checkpoint'],
+                                    sha256=self._log_digests.get(key))
             self._batch_log = CsvLog(self.paths['batches_csv'], BATCH_COLUMNS)
             self._epoch_log = CsvLog(self.paths['epochs_csv'], EPOCH_COLUMNS)
         else:
@@ -920,6 +1308,7 @@ class DWIMLAbstractTrainer:
                 'model_params': _json_safe(model.get_params()) if hasattr(model, 'get_params') else None,
                 'trainer_params': _json_safe(self.get_params()), 'samplers': samplers,
                 'hdf5_file': samplers['training']['source']['hdf5_file'],
+                'hdf5_fingerprints': source_fingerprints(samplers, self._fingerprints),
                 'sampler_states': {'training': _json_safe(state)},
                 'model_state': model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
                 'scheduler_state': self.lr_scheduler.state_dict() if self.lr_scheduler else None,
@@ -930,6 +1319,7 @@ class DWIMLAbstractTrainer:
                 'best_epoch': self.best_epoch, 'patience_count': self.patience_count,
                 'history': [dict(r) for r in self.history],
                 'log_sizes': {'batches_csv': self._batch_log.size(), 'epochs_csv': self._epoch_log.size()},
+                'log_sha256': {'batches_csv': self._batch_log.digest(), 'epochs_csv': self._epoch_log.digest()},
                 'elapsed_s': self.elapsed_s}
 
     def save_checkpoint(self):
@@ -939,9 +1329,10 @@ class DWIMLAbstractTrainer:
             barrier()   # rank 0 writes; nobody moves on before the checkpoint is complete
             return
         summary = {k: ckpt[k] for k in ('dwiml_nb_version', 'trainer_class', 'model_class', 'model_params',
-                                        'trainer_params', 'samplers', 'hdf5_file', 'position')}
+                                        'trainer_params', 'samplers', 'hdf5_file', 'hdf5_fingerprints', 'position')}
         with atomic_write(self.paths['parameters']) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + '\n')
+        ckpt['content_sha256'] = checkpoint_digest(ckpt)   # inside the file: see 'Checksums' above
         with atomic_write(self.paths['checkpoint']) as tmp:
             torch.save(ckpt, tmp)
         barrier()
@@ -950,11 +1341,13 @@ class DWIMLAbstractTrainer:
     @classmethod
     def init_from_checkpoint(cls, model, experiments_path, experiment_name, batch_sampler_training,
                              batch_sampler_validation=None, new_max_epochs=None, new_patience=None, *,
-                             callbacks=(), progress=True, **overrides):
+                             callbacks=(), progress=True, accept_changed_hdf5=False, **overrides):
         """A trainer that continues an experiment exactly where its latest checkpoint stands.
 
         `model` and the samplers must be built as for the original run (same classes and kwargs);
         `overrides` may change parameters that do not change results, e.g. ``num_workers``, ``device``.
+        The training sampler's HDF5 file must be the one of the checkpoint (`check_same_hdf5`), unless
+        `accept_changed_hdf5`.
 
         Under torch.distributed every rank calls it (the checkpoint must be on a file system every
         rank sees). A checkpoint from the end of an epoch resumes with any number of processes; one
@@ -969,6 +1362,7 @@ class DWIMLAbstractTrainer:
         ckpt = load_checkpoint(experiments_path, experiment_name)
         path = experiment_paths(experiments_path, experiment_name)['checkpoint']
         check_model_state(model, ckpt['model_state'], file=path)
+        check_same_hdf5(ckpt, batch_sampler_training, accept_changed_hdf5, file=path)
         if ckpt['trainer_class'] != class_path(cls):
             logger.warning('checkpoint written by %s, resumed with %s', ckpt['trainer_class'], class_path(cls))
         params = dict(ckpt['trainer_params'])
@@ -987,6 +1381,7 @@ class DWIMLAbstractTrainer:
         finally:
             _RESUMING.reset(token)
         trainer._restore(ckpt, path)
+        check_resume_has_work(trainer.epoch, trainer.max_epochs, trainer.patience_count, trainer.patience, file=path)
         return trainer
 
     def _restore(self, ckpt, path):
@@ -1014,6 +1409,7 @@ class DWIMLAbstractTrainer:
         self.best_valid_loss, self.best_epoch = ckpt['best_valid_loss'], ckpt['best_epoch']
         self.patience_count, self.history = ckpt['patience_count'], [dict(r) for r in ckpt['history']]
         self._log_sizes = dict(ckpt['log_sizes'])
+        self._log_digests = dict(ckpt.get('log_sha256') or {})   # (older checkpoints have none)
         # (Checkpoints of older versions have no elapsed_s: their epochs' times are the best guess.)
         self.elapsed_s = float(ckpt.get('elapsed_s', sum(r.get('time_s', 0.0) for r in self.history)))
         self._resume_sampler_state = dict(ckpt['sampler_states']['training'])
@@ -1079,11 +1475,11 @@ def _load_package_classes():
 
 
 def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, new_patience=None, *, imports=(),
-                      **overrides):
+                      hdf5_file=None, accept_changed_hdf5=False, **overrides):
     """A trainer rebuilt from an experiment folder's checkpoint, ready for `train_and_validate()`.
 
     `imports` are modules (the user's, never the checkpoint's) imported first, so that the
-    classes they define can be found by name.
+    classes they define can be found by name. `hdf5_file` and `accept_changed_hdf5`: see `relocate_hdf5`.
     """
     import_user_modules(imports)
     _load_package_classes()
@@ -1107,9 +1503,11 @@ def resume_experiment(experiments_path, experiment_name, new_max_epochs=None, ne
         raise CheckpointError(f"the model {ckpt['model_class']} has no get_params(): it cannot be rebuilt from the "
                               'checkpoint; build it yourself and call DWIMLAbstractTrainer.init_from_checkpoint', file=path)
     model = model_cls(**ckpt['model_params'])
-    training, validation = trainer_cls.rebuild_samplers(ckpt['samplers'])
+    samplers = relocate_hdf5(ckpt, hdf5_file, accept_changed_hdf5, file=path)
+    training, validation = trainer_cls.rebuild_samplers(samplers)
     return trainer_cls.init_from_checkpoint(model, experiments_path, experiment_name, training, validation,
-                                            new_max_epochs=new_max_epochs, new_patience=new_patience, **overrides)
+                                            new_max_epochs=new_max_epochs, new_patience=new_patience,
+                                            accept_changed_hdf5=accept_changed_hdf5, **overrides)
 
 
 def _resume(argv):
@@ -1131,13 +1529,19 @@ def _resume(argv):
     parser.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                         help='import this module of yours first, so that the trainer, model or sampler classes it '
                              'defines can be resumed (repeatable; the checkpoint never makes us import anything)')
+    parser.add_argument('--hdf5_file', metavar='PATH',
+                        help='where the HDF5 file of the checkpoint is now, if it moved (its fingerprint is checked)')
+    parser.add_argument('--accept_changed_hdf5', action='store_true',
+                        help='resume even though the HDF5 file changed since the checkpoint (rebuilt)')
     parser.add_argument('--no_progress', action='store_true', help='hide progress bars')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug messages')
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     overrides = {k: getattr(args, k) for k in ('num_workers', 'num_threads') if getattr(args, k) is not None}
     trainer = resume_experiment(args.experiments_path, args.experiment_name, args.new_max_epochs,
-                                args.new_patience, imports=args.imports, progress=not args.no_progress, **overrides)
+                                args.new_patience, imports=args.imports, hdf5_file=args.hdf5_file,
+                                accept_changed_hdf5=args.accept_changed_hdf5, progress=not args.no_progress,
+                                **overrides)
     trainer.train_and_validate()
 
 

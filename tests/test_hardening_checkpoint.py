@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dwiml_nb.core import CheckpointError
-from dwiml_nb.trainer import experiment_paths, load_checkpoint
+from dwiml_nb.trainer import checkpoint_digest, experiment_paths, load_checkpoint
 
 TESTS_DIR = Path(__file__).parent
 sys.path.insert(0, str(TESTS_DIR))
@@ -65,6 +65,12 @@ def _copy_experiment(pristine, tmp_path):
     return experiment_paths(tmp_path, 'exp')
 
 
+def _save_with_digest(ckpt, path):
+    "Save an edited checkpoint with the checksum of its new content: what the content checks must catch."
+    ckpt['content_sha256'] = checkpoint_digest(ckpt)
+    torch.save(ckpt, path)
+
+
 def _snapshot(root):
     return {p: p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
 
@@ -74,7 +80,7 @@ def test_wrong_checkpoint_content_is_refused_before_anything_is_written(tmp_path
     paths = _copy_experiment(pristine, tmp_path)
     ckpt = torch.load(paths['checkpoint'], weights_only=True)
     edit(ckpt)
-    torch.save(ckpt, paths['checkpoint'])
+    _save_with_digest(ckpt, paths['checkpoint'])
     before = _snapshot(paths['root'])
     with pytest.raises(CheckpointError, match=message) as err:
         trainer = ToyTrainer.init_from_checkpoint(ToyModel(), tmp_path, 'exp', ToySampler(ToySubset('training')),
@@ -94,7 +100,7 @@ def test_resume_script_says_it_in_one_line(tmp_path, pristine, name, edit, messa
     paths = _copy_experiment(pristine, tmp_path)
     ckpt = torch.load(paths['checkpoint'], weights_only=True)
     edit(ckpt)
-    torch.save(ckpt, paths['checkpoint'])
+    _save_with_digest(ckpt, paths['checkpoint'])
     before = _snapshot(paths['root'])
     run = subprocess.run([BIN / 'dwiml_resume_training_from_checkpoint', tmp_path, 'exp', '--import',
                           'trainer_test_utils', '--no_progress'], capture_output=True, text=True, timeout=120,
@@ -104,3 +110,46 @@ def test_resume_script_says_it_in_one_line(tmp_path, pristine, name, edit, messa
     assert len(lines) == 1 and lines[0].startswith(f"error: file '{paths['checkpoint']}': "), run.stderr
     assert 'the checkpoint is damaged or was edited' in lines[0]
     assert _snapshot(paths['root']) == before
+
+
+def _tensor_bytes_offset(path):
+    "Offset and size, in the file, of the largest tensor's raw bytes (an uncompressed entry of torch's zip)."
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+    raw = Path(path).read_bytes()
+    extra = int.from_bytes(raw[entry.header_offset + 28:entry.header_offset + 30], 'little')
+    return entry.header_offset + 30 + len(entry.filename) + extra, entry.file_size
+
+
+def test_a_flipped_bit_in_a_tensor_is_refused_by_the_checksum(tmp_path, pristine):
+    paths = _copy_experiment(pristine, tmp_path)
+    start, size = _tensor_bytes_offset(paths['checkpoint'])
+    raw = bytearray(paths['checkpoint'].read_bytes())
+    raw[start + size // 2] ^= 0x10
+    paths['checkpoint'].write_bytes(bytes(raw))
+    torch.load(paths['checkpoint'], weights_only=True)   # torch reads it without a word
+    before = _snapshot(paths['root'])
+    with pytest.raises(CheckpointError, match='checksum mismatch: the file was altered or damaged') as err:
+        ToyTrainer.init_from_checkpoint(ToyModel(), tmp_path, 'exp', ToySampler(ToySubset('training')),
+                                        ToySampler(ToySubset('validation')), new_max_epochs=2, progress=False)
+    assert f"file '{paths['checkpoint']}'" in str(err.value)
+    assert _snapshot(paths['root']) == before
+    run = subprocess.run([BIN / 'dwiml_resume_training_from_checkpoint', tmp_path, 'exp', '--import',
+                          'trainer_test_utils', '--no_progress', '--new_max_epochs', '2'], capture_output=True,
+                         text=True, timeout=120, env={**__import__('os').environ, 'PYTHONPATH': str(TESTS_DIR)})
+    assert run.returncode == 2 and 'Traceback' not in run.stderr and 'checksum mismatch' in run.stderr
+
+
+def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, pristine, caplog):
+    paths = _copy_experiment(pristine, tmp_path)
+    ckpt = torch.load(paths['checkpoint'], weights_only=True)
+    assert len(ckpt.pop('content_sha256')) == 64
+    torch.save(ckpt, paths['checkpoint'])
+    with caplog.at_level('WARNING', logger='dwiml_nb.trainer'):
+        trainer = ToyTrainer.init_from_checkpoint(ToyModel(), tmp_path, 'exp', ToySampler(ToySubset('training')),
+                                                  ToySampler(ToySubset('validation')), new_max_epochs=2,
+                                                  progress=False)
+    assert 'has no checksum (written by an older dwiml_nb)' in caplog.text
+    assert len(trainer.train_and_validate()) == 2
+    assert load_checkpoint(tmp_path, 'exp')['content_sha256'] == checkpoint_digest(load_checkpoint(tmp_path, 'exp'))

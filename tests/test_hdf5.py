@@ -123,7 +123,8 @@ def test_written_attrs_and_dtypes_follow_dwiml_layout(trk_db, built):
         assert v.attrs['type'] == 'volume' and v.attrs['affine'].dtype == np.float64 and v.attrs['affine'].shape == (4, 4)
         assert v.attrs['voxres'].dtype == np.float32 and v.attrs['voxres'].shape == (3,)
         assert v.attrs['nb_features'].dtype == np.int64 and v.attrs['nb_features'] == 4
-        assert v['data'].dtype == np.float32 and v['data'].chunks is None and v['data'].compression is None
+        assert v['data'].dtype == np.float32 and v['data'].compression is None
+        assert v['data'].fletcher32 and v['data'].chunks[1:] == v['data'].shape[1:]  # checksummed whole slabs
         s = f['sub-02/streamlines']
         assert (s.attrs['type'], s.attrs['space'], s.attrs['origin']) == ('streamlines', 'Space.VOX', 'Origin.TRACKVIS')
         assert s.attrs['affine'].dtype == np.float64

@@ -24,8 +24,9 @@ from ..trainer import DWIMLAbstractTrainer, check_experiments_path, experiment_p
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'MAX_NEIGHBORHOOD_RADIUS', 'MIN_STEP_SIZE', 'DirectionGetterTrainer', 'make_samplers',
-           'evaluate_angular_error', 'device_arg', 'build_parser', 'train_model', 'train_model_main']
+__all__ = ['logger', 'MAX_NEIGHBORHOOD_RADIUS', 'MIN_STEP_SIZE', 'NOTEBOOK_PARAMETERS', 'DirectionGetterTrainer', 'make_samplers',
+           'evaluate_angular_error', 'device_arg', 'build_parser', 'train_model', 'train_model_main',
+           'check_notebook_parameters']
 
 # %% ../../nbs/10_train_model_script.ipynb
 class DirectionGetterTrainer(DWIMLAbstractTrainer):
@@ -230,3 +231,17 @@ def _train_model_cli(argv=None):
 def train_model_main(argv=None):
     "Console script `dwiml_train_model`."
     run_cli(_train_model_cli, argv)
+
+# %% ../../nbs/10_train_model_script.ipynb
+NOTEBOOK_PARAMETERS = {
+    'hdf5_file': (str, None), 'input_group': str, 'streamline_group': str, 'experiments_path': str,
+    'experiment_name': str, 'max_epochs': int, 'batch_size': (int, float), 'learning_rate': float, 'seed': int,
+    'num_workers': int, 'num_threads': (int, None), 'resume': bool, 'overwrite': bool, 'lazy': bool,
+    'step_size': (float, None), 'neighborhood_type': (str, None), 'neighborhood_radius': (int, float),
+    'max_batches_per_epoch': (int, None), 'device': str, 'progress': bool}
+
+
+def check_notebook_parameters(values, spec=None):
+    "Refuse (`ConfigError`) training-notebook parameters of the wrong type (`NOTEBOOK_PARAMETERS`); returns them."
+    from dwiml_nb.core import check_parameters
+    return check_parameters(values, NOTEBOOK_PARAMETERS if spec is None else spec)
