@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
@@ -17,15 +18,15 @@ import nibabel as nib
 import numpy as np
 import scipy.sparse
 
-from .core import (ConfigError, DataError, PackedStreamlines, atomic_write, cli_parser, offsets_from_lengths,
-                           progress_bar, run_cli, setup_logging)
+from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, cli_parser,
+                           number_in_range, offsets_from_lengths, progress_bar, run_cli, setup_logging)
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'PHANTOM_SHAPE', 'PHANTOM_VOXEL_SIZE', 'PHANTOM_BUNDLES', 'DEMO_CONFIG', 'DIPY_SPLITS', 'DEMO_MARK',
-           'DEMO_DATASETS', 'hemisphere_directions', 'orientation_samples', 'orientation_features', 'phantom_affine',
-           'phantom_subject', 'vox_to_rasmm', 'rasmm_to_vox', 'write_subject', 'split_subjects',
+           'DEMO_DATASETS', 'MAX_DEMO_SUBJECTS', 'hemisphere_directions', 'orientation_samples', 'orientation_features',
+           'phantom_affine', 'phantom_subject', 'vox_to_rasmm', 'rasmm_to_vox', 'write_subject', 'split_subjects',
            'write_database_metadata', 'make_phantom_database', 'load_dipy_bundles', 'grid_around', 'make_dipy_database',
            'DemoData', 'make_demo_dataset', 'project_root', 'project_path', 'demo_hdf5', 'direction_alignment',
            'make_demo_main']
@@ -594,6 +595,24 @@ def direction_alignment(features, streams, directions=None, max_step=1.0):
     return float(np.abs((best * tangents).sum(axis=1)).mean())
 
 # %% ../nbs/03_data.ipynb
+MAX_DEMO_SUBJECTS = 1000
+
+
+def _check_demo_out_dir(out_dir):
+    "Refuse (`DataError`) an output folder that cannot be made or written, before any work."
+    if not str(out_dir):
+        raise DataError('the output folder needs a name, got an empty string')
+    out_dir = Path(out_dir)
+    existing = out_dir
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError('exists and is not a directory' if existing == out_dir
+                        else f"cannot be created: '{existing}' is not a directory", file=out_dir)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot be written: '{existing}' is read-only", file=out_dir)
+
+
 def _make_demo(argv=None):
     parser = cli_parser(
         'dwiml_make_demo_dataset',
@@ -603,15 +622,23 @@ def _make_demo(argv=None):
     parser.add_argument('out_dir', help='output folder (new, empty, or made by this script)')
     parser.add_argument('--overwrite', action='store_true', help='rebuild datasets that already exist')
     parser.add_argument('--which', choices=('all', *DEMO_DATASETS), default='all', help='datasets to build')
-    parser.add_argument('--seed', type=int, default=1234, help='random seed (the same seed gives the same files)')
-    parser.add_argument('--nb_subjects', type=int, default=8, help='phantom subjects, >= 3')
+    parser.add_argument('--seed', type=number_in_range(int, 0, 2**32 - 1), default=1234,
+                        help='random seed, 0 to 2**32-1 (the same seed gives the same files)')
+    parser.add_argument('--nb_subjects', type=number_in_range(int, 3, MAX_DEMO_SUBJECTS), default=8,
+                        help=f'phantom subjects, 3 to {MAX_DEMO_SUBJECTS}')
     parser.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    _check_demo_out_dir(args.out_dir)
     start = time.perf_counter()
-    demo = make_demo_dataset(args.out_dir, which=args.which, seed=args.seed, nb_subjects=args.nb_subjects,
-                             overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        demo = make_demo_dataset(args.out_dir, which=args.which, seed=args.seed, nb_subjects=args.nb_subjects,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    except OSError as e:
+        if isinstance(e, DwimlError):
+            raise
+        raise DataError(f'cannot be written: {e.strerror or e}', file=e.filename or args.out_dir) from e
     for name, h5_path in demo.hdf5_files.items():
         print(f'{name}: {demo.database_dirs[name]}  ->  {h5_path}')
     logger.info('done in %.1f s', time.perf_counter() - start)

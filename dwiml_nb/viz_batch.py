@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, in_jupyter_kernel,
-                           offsets_from_lengths, ranges_to_indices, run_cli, setup_logging)
+from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, cli_parser,
+                           in_jupyter_kernel, number_in_range, offsets_from_lengths, ranges_to_indices, run_cli,
+                           setup_logging)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_C
            'legend_html', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'ensure_runtime_dir',
            'check_rendering', 'view_direction', 'slice_plane', 'orientation_positions', 'render_view', 'png_bytes',
            'save_png', 'annotate', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas',
-           'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'visualize_batch_main']
+           'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'check_output_file', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
 def hsv_to_rgb(hsv):
@@ -1345,43 +1346,107 @@ class BatchInspector(_InspectorControls, _InspectorDrawing):
         return self._samplers[name]
 
 # %% ../nbs/09_viz_batch.ipynb
+def _file_kind(mode):
+    return ('a symbolic link' if stat.S_ISLNK(mode) else 'a directory' if stat.S_ISDIR(mode)
+            else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode)
+            else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else 'a socket' if stat.S_ISSOCK(mode) else 'not a regular file')
+
+
+def check_output_file(path, overwrite=False, suffixes=None, option='--save'):
+    """Refuse an output path a script should not write, before the script does any work.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output file.
+    overwrite : bool
+        Whether an existing regular file may be replaced.
+    suffixes : sequence of str, optional
+        Accepted file name endings (lower case, with the dot).
+    option : str
+        The option named in the messages.
+
+    Raises
+    ------
+    DataError
+        An empty path, a wrong ending, a target that exists and is not a regular file (a symbolic
+        link, a directory, a FIFO, a device), an existing file without ``overwrite``, or a folder
+        that is missing, not a folder, or not writable.
+    """
+    if not str(path):
+        raise DataError(f'{option} needs a file name, got an empty string')
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:   # a parent that is a file, a name too long, no permission to look
+        raise DataError(f'cannot be written: {e.strerror}', file=path) from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise DataError(f'exists and is {_file_kind(mode)}, not a regular file: refusing to replace it', file=path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise DataError(f"the output must end with {' or '.join(suffixes)}", file=path)
+    if mode is not None and not overwrite:
+        raise DataError('exists; pass --overwrite to replace it', file=path)
+    parent = path.parent
+    if not parent.exists():
+        raise DataError(f"cannot be written: the folder '{parent}' does not exist", file=path)
+    if not parent.is_dir():
+        raise DataError(f"cannot be written: '{parent}' is not a folder", file=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"cannot be written: the folder '{parent}' is read-only", file=path)
+    return path
+
+# %% ../nbs/09_viz_batch.ipynb
+_SIZE = number_in_range(int, 16, 4096)   # pixels: enough for a thumbnail, at most a 4K picture
+
+
 def _visualize_batch(argv=None):
-    p = argparse.ArgumentParser(prog='dwiml_visualize_batch', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description='Render one sampled batch of a dwi_ml HDF5 file to a PNG (FURY 2, offscreen), '
-                                            'in RAS+ mm, with its title and colour key burned in.')
+    p = cli_parser('dwiml_visualize_batch', 'Render one sampled batch of a dwi_ml HDF5 file to a PNG (FURY 2, '
+                                            'offscreen), in RAS+ mm, with its title and colour key burned in.')
     p.add_argument('hdf5_file', help='dwi_ml-layout HDF5 file')
     p.add_argument('streamline_group', help='streamline group to sample')
     p.add_argument('--input_group', help='volume group interpolated under every point (for --color_by feature); '
                                          'none: no inputs')
     p.add_argument('--subset', default='training', choices=('training', 'validation', 'testing'), help='subset to sample')
-    p.add_argument('--batch_size', type=int, default=100, help='streamlines per batch')
-    p.add_argument('--seed', type=int, default=1234, help='seed of the sampler (plan and augmentation)')
-    p.add_argument('--epoch', type=int, default=0, help='epoch whose plan is drawn')
-    p.add_argument('--batch_index', type=int, default=0, help='batch of that epoch')
-    p.add_argument('--step_size', type=float, help='resampling step in mm; none: as stored')
-    p.add_argument('--split_ratio', type=float, default=0.0, help='fraction of streamlines split in two')
-    p.add_argument('--reverse_ratio', type=float, default=0.0, help='fraction of streamlines reversed')
-    p.add_argument('--noise_gaussian_size', type=float, default=0.0, help='noise std in mm')
+    p.add_argument('--batch_size', type=number_in_range(int, 1, 10**7), default=100, help='streamlines per batch')
+    p.add_argument('--seed', type=number_in_range(int, 0, 2**32 - 1), default=1234,
+                   help='seed of the sampler (plan and augmentation)')
+    p.add_argument('--epoch', type=number_in_range(int, 0, 10**6), default=0, help='epoch whose plan is drawn')
+    p.add_argument('--batch_index', type=number_in_range(int, 0, 10**7), default=0, help='batch of that epoch')
+    p.add_argument('--step_size', type=number_in_range(float, 0.01, 1000), help='resampling step in mm; none: as stored')
+    p.add_argument('--split_ratio', type=number_in_range(float, 0, 1), default=0.0,
+                   help='fraction of streamlines split in two')
+    p.add_argument('--reverse_ratio', type=number_in_range(float, 0, 1), default=0.0,
+                   help='fraction of streamlines reversed')
+    p.add_argument('--noise_gaussian_size', type=number_in_range(float, 0, 100), default=0.0, help='noise std in mm')
     p.add_argument('--stage', choices=STAGES, default='after',
                    help='stored: as in the file; before/after: augmentation; both: after over before in grey')
     p.add_argument('--color_by', choices=COLOR_MODES, default='streamline', help='colouring of the streamlines')
-    p.add_argument('--feature', type=int, default=0, help='input column for --color_by feature')
+    p.add_argument('--feature', type=number_in_range(int, 0, 10**6), default=0,
+                   help='input column for --color_by feature')
     p.add_argument('--subject', help='show only this subject id; none: all subjects of the batch')
     p.add_argument('--slice', choices=('x', 'y', 'z'), help='draw a slice of --slice_group along this voxel axis; '
                                                             'none: no slice')
     p.add_argument('--slice_group', help='volume group of the slice; none: --input_group, else the first volume group')
-    p.add_argument('--slice_index', type=int, help='voxel index of the slice; none: the slice most streamlines cross')
+    p.add_argument('--slice_index', type=number_in_range(int, 0, 10**6),
+                   help='voxel index of the slice; none: the slice most streamlines cross')
     p.add_argument('--drawing', choices=DRAWINGS, default='lines', help='flat lines, or lit tubes that show depth')
-    p.add_argument('--size', type=int, nargs=2, default=(800, 800), metavar=('WIDTH', 'HEIGHT'),
-                   help='size of the 3D picture in pixels (the title and key bands are added)')
-    p.add_argument('--azimuth', type=float, default=-60.0, help='camera angle around z (S), degrees from +x (R)')
-    p.add_argument('--elevation', type=float, default=25.0, help='camera angle above the x-y plane, degrees')
-    p.add_argument('--zoom', type=float, default=1.0, help='> 1: closer')
+    p.add_argument('--size', type=_SIZE, nargs=2, default=(800, 800), metavar=('WIDTH', 'HEIGHT'),
+                   help='size of the 3D picture in pixels, 16 to 4096 (the title and key bands are added)')
+    p.add_argument('--azimuth', type=number_in_range(float, -360, 360), default=-60.0,
+                   help='camera angle around z (S), degrees from +x (R)')
+    p.add_argument('--elevation', type=number_in_range(float, -90, 90), default=25.0,
+                   help='camera angle above the x-y plane, degrees')
+    p.add_argument('--zoom', type=number_in_range(float, 0.01, 100), default=1.0, help='> 1: closer')
     p.add_argument('--no_annotation', action='store_true', help='the 3D picture only: no title and key bands')
-    p.add_argument('--save', required=True, help='output PNG file')
+    p.add_argument('--save', required=True, help='output PNG file (new, or replaced with --overwrite)')
+    p.add_argument('--overwrite', action='store_true', help='replace the --save file if it exists')
     p.add_argument('-v', '--verbose', action='store_true', help='log more')
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    check_output_file(args.save, args.overwrite, suffixes=('.png',))
     from dwiml_nb.dataset import MultiSubjectDataset
     from dwiml_nb.sampler import AbstractBatchSampler, BatchStreamlinesSamplerOneInput
     dataset = MultiSubjectDataset(args.hdf5_file).load_data(progress=False)
@@ -1408,6 +1473,16 @@ def _visualize_batch(argv=None):
     return 0
 
 
+def _visualize_batch_or_say_why(argv=None):
+    "`_visualize_batch`, with what the file system refuses (a name too long, no permission) said in one line."
+    try:
+        return _visualize_batch(argv)
+    except OSError as e:
+        if isinstance(e, DwimlError):
+            raise
+        raise DataError(f'cannot be read or written: {e.strerror or e}', file=e.filename) from e
+
+
 def visualize_batch_main(argv=None):
     "Console script `dwiml_visualize_batch` (see `--help`)."
-    run_cli(_visualize_batch, argv)
+    run_cli(_visualize_batch_or_say_why, argv)

@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import DataError, DwimlError, atomic_write, in_jupyter_kernel, run_cli, setup_logging
+from .core import (DataError, DwimlError, atomic_write, cli_parser, in_jupyter_kernel, number_in_range, run_cli,
+                           setup_logging)
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'BATCH_LOG_COLUMNS', 'EPOCH_LOG_COLUMNS', 'X_AXES', 'PANELS', 'PANEL_TITLES', 'COLORS', 'STYLE_LABELS',
-           'X_TITLES', 'CHROMIUM_NAMES', 'CHROMIUM_FLAGS', 'LIVE_CHART_ESM', 'BATCH_SERIES', 'EPOCH_SERIES',
-           'read_log_csv', 'ExperimentLogs', 'run_names', 'fractional_epochs', 'trailing_mean', 'elapsed_seconds',
-           'time_unit', 'x_values', 'loss_to_degrees', 'experiment_traces', 'logs_figure', 'plot_logs',
-           'ChromiumUnavailable', 'find_chromium', 'html_screenshot', 'save_figure', 'visualize_logs_main',
+__all__ = ['logger', 'BATCH_LOG_COLUMNS', 'EPOCH_LOG_COLUMNS', 'TIME_LOG_COLUMNS', 'X_AXES', 'PANELS', 'PANEL_TITLES', 'COLORS',
+           'STYLE_LABELS', 'X_TITLES', 'CHROMIUM_NAMES', 'CHROMIUM_FLAGS', 'LIVE_CHART_ESM', 'BATCH_SERIES',
+           'EPOCH_SERIES', 'read_log_csv', 'ExperimentLogs', 'run_names', 'fractional_epochs', 'trailing_mean',
+           'elapsed_seconds', 'time_unit', 'x_values', 'loss_to_degrees', 'experiment_traces', 'logs_figure',
+           'plot_logs', 'ChromiumUnavailable', 'find_chromium', 'html_screenshot', 'save_figure', 'visualize_logs_main',
            'live_chart_widget', 'chart_data', 'figure_bundle', 'TrainingRecorder', 'LiveTrainingChart',
            'export_notebook_html']
 
@@ -38,20 +39,34 @@ __all__ = ['logger', 'BATCH_LOG_COLUMNS', 'EPOCH_LOG_COLUMNS', 'X_AXES', 'PANELS
 BATCH_LOG_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate',
                      'streamlines_per_s')
 EPOCH_LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss')
+TIME_LOG_COLUMNS = ('elapsed_s', 'time_s')   # optional; numbers when present
 
 
 def read_log_csv(path, required_columns):
     """Read one of the trainer's CSV logs; an unfinished last line (no newline) is left out.
 
+    Parameters
+    ----------
+    path : str or Path
+    required_columns : sequence of str
+        Columns the log must have; all but ``phase`` must hold numbers (or nothing), as must
+        the optional `TIME_LOG_COLUMNS`.
+
     Raises
     ------
     DataError
-        Missing or unreadable file, missing columns, or a malformed line.
+        Missing, unreadable or non-regular file, missing columns, a malformed line, or a text
+        where a number should be (naming the column and the line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError('no such log file (was this experiment trained with dwiml_nb?)', file=path)
-    text = path.read_text(errors='replace')
+    try:
+        if not path.exists():
+            raise DataError('no such log file (was this experiment trained with dwiml_nb?)', file=path)
+        if not path.is_file():   # a folder, a FIFO (reading it would wait for a writer), a device
+            raise DataError('is not a regular file: not a log', file=path)
+        text = path.read_text(errors='replace')
+    except OSError as e:   # no permission, a name too long, an I/O error
+        raise DataError(f'cannot be read: {e.strerror or e}', file=path) from None
     if text and not text.endswith('\n'):
         logger.warning('%s: the last line is incomplete (the run stopped while writing it): left out', path)
         text = text[:text.rfind('\n') + 1]
@@ -64,6 +79,16 @@ def read_log_csv(path, required_columns):
     missing = [c for c in required_columns if c not in frame.columns]
     if missing:
         raise DataError(f"is not a dwiml_nb trainer log: columns {', '.join(missing)} are missing", file=path)
+    for column in dict.fromkeys((*required_columns, *(c for c in TIME_LOG_COLUMNS if c in frame.columns))):
+        if column == 'phase' or pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        numbers = pd.to_numeric(frame[column], errors='coerce')
+        bad = numbers.isna() & frame[column].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f'column {column!r} holds {frame[column].iloc[row]!r}, not a number '
+                            f'(line {row + 2})', file=path)
+        frame[column] = numbers
     return frame
 
 # %% ../nbs/11_viz_training.ipynb
@@ -93,7 +118,11 @@ class ExperimentLogs:
             No such folder, or nothing to show (no training batch logged yet).
         """
         folder = Path(folder)
-        if not folder.is_dir():
+        try:
+            is_folder = folder.is_dir()
+        except OSError as e:   # a name too long, no permission to look
+            raise DataError(f'cannot be read: {e.strerror or e}', file=folder) from None
+        if not is_folder:
             raise DataError('no such experiment folder', file=folder)
         batches = read_log_csv(folder / 'logs' / 'batches.csv', BATCH_LOG_COLUMNS)
         train = batches[batches.phase == 'train'].reset_index(drop=True)
@@ -401,31 +430,41 @@ def save_figure(fig, path, size=(1400, 800)):
 
 # %% ../nbs/11_viz_training.ipynb
 def _visualize_logs(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='dwiml_visualize_logs', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description='Compare the training curves of experiments (losses, gradient norms, learning rate, speed). '
-                    'Runs are named by the shortest end of their folder path that tells them apart.')
+    parser = cli_parser(
+        'dwiml_visualize_logs',
+        'Compare the training curves of experiments (losses, gradient norms, learning rate, speed). '
+        'Runs are named by the shortest end of their folder path that tells them apart.')
     parser.add_argument('experiments', nargs='+', help='experiment folders (holding logs/batches.csv)')
     parser.add_argument('--save', metavar='OUT', action='append', default=[],
                         help='write the figure to OUT.html (interactive, offline) or OUT.png; repeatable. '
                              'Without it, the HTML opens in a web browser')
-    parser.add_argument('--smooth', type=int, default=20, metavar='N', help='smoothed curves: mean of the last N batches')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace output files that exist (without it, an existing output is refused)')
+    parser.add_argument('--smooth', type=number_in_range(int, 1, 10**6), default=20, metavar='N',
+                        help='smoothed curves: mean of the last N batches')
     parser.add_argument('--x', choices=X_AXES, default='epoch',
                         help='x axis: fractional epochs, optimizer steps, or training time')
     parser.add_argument('--angle', action='store_true',
                         help='the loss is a cosine loss 1 - cos: show it as an angle in degrees')
     parser.add_argument('--log', action='store_true', help='start with log-scale loss and gradient-norm axes')
-    parser.add_argument('--size', type=int, nargs=2, default=(1400, 800), metavar=('W', 'H'),
-                        help='PNG width and height in pixels')
+    parser.add_argument('--size', type=number_in_range(int, 16, 4096), nargs=2, default=(1400, 800), metavar=('W', 'H'),
+                        help='PNG width and height in pixels, 16 to 4096')
     parser.add_argument('-v', '--verbose', action='store_true', help='print debug messages')
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    if args.smooth < 1:
-        raise DataError(f'--smooth must be at least 1, got {args.smooth}')
-    fig = logs_figure(args.experiments, smooth=args.smooth, log_y=args.log, x_axis=args.x, loss_as_angle=args.angle)
-    for out in args.save:
-        save_figure(fig, out, size=tuple(args.size))
-        print(f'wrote {out}')
+    from dwiml_nb.viz_batch import check_output_file
+    for out in args.save:   # before reading any log: a bad output is said at once
+        check_output_file(out, args.overwrite, suffixes=('.html', '.png'))
+    try:
+        fig = logs_figure(args.experiments, smooth=args.smooth, log_y=args.log, x_axis=args.x,
+                          loss_as_angle=args.angle)
+        for out in args.save:
+            save_figure(fig, out, size=tuple(args.size))
+            print(f'wrote {out}')
+    except OSError as e:   # what the file system refuses is said in one line, like any bad input
+        if isinstance(e, DwimlError):
+            raise
+        raise DataError(f'cannot be read or written: {e.strerror or e}', file=e.filename) from e
     if not args.save:
         import webbrowser
         page = Path(tempfile.mkdtemp(prefix='dwiml_logs_')) / 'logs.html'

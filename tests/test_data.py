@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,7 +208,9 @@ def test_refuses_a_folder_that_is_not_ours(tmp_path, run_here):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--nb_subjects', '2'], 'at least 3'),
+    (['--nb_subjects', '2'], 'argument --nb_subjects: must be >= 3'),
+    (['--nb_subjects', '100000'], 'must be >= 3 and <= 1000'),
+    (['--seed', '-1'], 'argument --seed: must be >= 0'),
     (['--which', 'nope'], 'invalid choice'),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, run_here, args, message):
@@ -220,3 +223,23 @@ def test_out_dir_is_a_file(tmp_path):
     (tmp_path / 'file').write_text('x')
     proc = run_script(tmp_path / 'file')
     assert proc.returncode == 2 and 'not a directory' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_an_output_folder_that_cannot_be_made_is_said_before_any_work(tmp_path, run_here):
+    (tmp_path / 'a_file').write_text('x')
+    cases = [('', 'the output folder needs a name'),
+             (tmp_path / 'a_file' / 'demo', f"cannot be created: '{tmp_path / 'a_file'}' is not a directory"),
+             ('/dev/null', 'exists and is not a directory'),
+             (tmp_path / ('x' * 300), 'File name too long')]
+    if os.geteuid() != 0:
+        (tmp_path / 'ro').mkdir()
+        (tmp_path / 'ro').chmod(0o555)
+        cases.append((tmp_path / 'ro' / 'demo', 'is read-only'))
+    try:
+        for out, message in cases:
+            code, err = run_here(out, '--which', 'phantom', '--nb_subjects', '3')
+            assert code == 2 and message in err and 'Traceback' not in err, err
+            assert len(err.strip().splitlines()) == 1, err
+    finally:
+        if (tmp_path / 'ro').exists(): (tmp_path / 'ro').chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file'] + (['ro'] if os.geteuid() != 0 else [])

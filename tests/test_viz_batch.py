@@ -5,6 +5,8 @@ the rendering tests are skipped with the probe's message, the others still run.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -159,6 +161,61 @@ def test_console_script_renders_and_refuses_bad_input(hdf5_file, can_render, tmp
         assert exit_.value.code == 2 and message in err and 'Traceback' not in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'bad.png').exists()
+
+
+def _run(capsys, *argv):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        visualize_batch_main([*map(str, argv)])
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--size', '-5', '-5'], 'argument --size: must be >= 16 and <= 4096, got -5'),
+    (['--size', '100000', '100000'], 'argument --size: must be >= 16 and <= 4096, got 100000'),
+    (['--step_size', 'inf'], "argument --step_size: 'inf' is not a finite number"),
+    (['--step_size', 'nan'], "argument --step_size: 'nan' is not a finite number"),
+    (['--step_size', '1e-9'], 'argument --step_size: must be >= 0.01'),
+    (['--split_ratio', '2'], 'argument --split_ratio: must be >= 0 and <= 1'),
+    (['--reverse_ratio', '-0.1'], 'argument --reverse_ratio: must be >= 0 and <= 1'),
+    (['--epoch', '-1'], 'argument --epoch: must be >= 0'),
+    (['--batch_index', '-1'], 'argument --batch_index: must be >= 0'),
+    (['--batch_size', '0'], 'argument --batch_size: must be >= 1'),
+    (['--zoom', '0'], 'argument --zoom: must be >= 0.01'),
+    (['--noise_gaussian_size', '-1'], 'argument --noise_gaussian_size: must be >= 0'),
+    (['--elevation', '91'], 'argument --elevation: must be >= -90 and <= 90'),
+    (['--seed', '-1'], 'argument --seed: must be >= 0'),
+    (['--feature', '-2'], 'argument --feature: must be >= 0'),
+])
+def test_bad_numbers_are_one_line_errors(hdf5_file, tmp_path, capsys, args, message):
+    code, err = _run(capsys, hdf5_file, 'streamlines', '--save', tmp_path / 'x.png', *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith('error: dwiml_visualize_batch: ') and not (tmp_path / 'x.png').exists()
+
+
+def test_the_output_is_checked_before_the_file_is_read(tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('x')
+    (tmp_path / 'old.png').write_bytes(b'mine')
+    os.mkfifo(tmp_path / 'fifo.png')
+    for out, flags, message in [(tmp_path / 'old.png', [], 'exists; pass --overwrite to replace it'),
+                                (tmp_path / 'no' / 'x.png', [], 'does not exist'),
+                                (tmp_path / 'a_file' / 'x.png', [], 'Not a directory'),
+                                (tmp_path / 'fifo.png', ['--overwrite'], 'is a FIFO'),
+                                ('/dev/null', ['--overwrite'], 'is a device'),
+                                (tmp_path / 'x.jpg', [], 'must end with .png')]:
+        code, err = _run(capsys, tmp_path / 'missing.hdf5', 'streamlines', '--save', out, *flags)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert message in err and f"file '{out}'" in err and 'missing.hdf5' not in err, err
+    assert (tmp_path / 'old.png').read_bytes() == b'mine'
+
+
+def test_overwrite_replaces_an_existing_picture(hdf5_file, can_render, tmp_path, capsys):
+    out = tmp_path / 'batch.png'
+    out.write_bytes(b'mine')
+    code, err = _run(capsys, hdf5_file, 'streamlines', '--batch_size', '20', '--size', '64', '64', '--save', out,
+                     '--overwrite')
+    assert code == 0, err
+    assert np.asarray(Image.open(out)).shape[1] == 64
 
 
 def test_a_subject_without_streamlines_is_named(sampler):

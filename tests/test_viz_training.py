@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dwiml_nb.viz_training import ExperimentLogs, LiveTrainingChart, find_chromium, logs_figure
+from dwiml_nb.viz_training import ExperimentLogs, LiveTrainingChart, find_chromium, logs_figure, visualize_logs_main
 from trainer_test_utils import ToyTrainer, make_toy_trainer
 
 CLI = [sys.executable, '-c', 'from dwiml_nb.viz_training import visualize_logs_main; visualize_logs_main()']
@@ -93,6 +93,83 @@ def test_bad_experiment_folders_are_one_line_errors(experiments, tmp_path, case,
     assert run.returncode == 2
     assert message in run.stderr and case in run.stderr and 'Traceback' not in run.stderr
     assert not (tmp_path / 'out.html').exists()
+
+
+def _in_process(capsys, *args):
+    "(exit code, stderr) of the console script run in this process (faster than a new interpreter)."
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        visualize_logs_main([*map(str, args)])
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('case, message', [
+    ('text_in_loss', "batches.csv': column 'loss' holds 'oops', not a number (line 4)"),
+    ('log_is_a_folder', "batches.csv': is not a regular file"),
+    ('epochs_log_is_a_folder', "epochs.csv': is not a regular file"),
+])
+def test_damaged_logs_name_the_file_and_the_column(experiments, tmp_path, capsys, case, message):
+    folder = tmp_path / case
+    (folder / 'logs').mkdir(parents=True)
+    batches = pd.read_csv(experiments / 'adam_fast' / 'logs' / 'batches.csv')
+    if case == 'text_in_loss':
+        batches['loss'] = batches['loss'].astype(object)
+        batches.loc[2, 'loss'] = 'oops'
+    if case == 'log_is_a_folder':
+        (folder / 'logs' / 'batches.csv').mkdir()
+    else:
+        batches.to_csv(folder / 'logs' / 'batches.csv', index=False)
+    if case == 'epochs_log_is_a_folder':
+        (folder / 'logs' / 'epochs.csv').mkdir()
+    code, err = _in_process(capsys, folder, '--save', tmp_path / 'out.html')
+    assert code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert message in err and str(folder) in err, err
+    assert not (tmp_path / 'out.html').exists()
+
+
+def _read_only_folder(tmp_path):
+    if os.geteuid() != 0:
+        folder = tmp_path / 'ro'
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not os.access('/proc/sys', os.W_OK):   # root writes everywhere, except where the kernel says no
+        return Path('/proc/sys')
+    pytest.skip('no read-only folder for root here')
+
+
+def test_the_output_is_checked_before_any_log_is_read(experiments, tmp_path, capsys):
+    "A bad --save is said first, even when the experiment is missing too: nothing is read or drawn for nothing."
+    (tmp_path / 'a_file').write_text('x')
+    (tmp_path / 'old.html').write_text('mine')
+    read_only = _read_only_folder(tmp_path)
+    try:
+        for out, message in [(tmp_path / 'old.html', 'exists; pass --overwrite to replace it'),
+                             (tmp_path / 'no' / 'x.html', 'does not exist'),
+                             (tmp_path / 'a_file' / 'x.html', 'Not a directory'),
+                             (read_only / 'x.html', 'is read-only'),
+                             (tmp_path / 'x.svg', 'must end with .html or .png')]:
+            code, err = _in_process(capsys, tmp_path / 'missing_experiment', '--save', out)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert message in err and f"file '{out}'" in err and 'missing_experiment' not in err, err
+    finally:
+        if read_only.is_relative_to(tmp_path): read_only.chmod(0o755)
+    assert (tmp_path / 'old.html').read_text() == 'mine'
+    code, err = _in_process(capsys, experiments / 'adam_fast', '--save', tmp_path / 'old.html', '--overwrite')
+    assert code == 0, err
+    assert 'adam_fast: train loss (per batch)' in (tmp_path / 'old.html').read_text()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--smooth', '0'], 'argument --smooth: must be >= 1'),
+    (['--size', '-5', '-5'], 'argument --size: must be >= 16 and <= 4096, got -5'),
+    (['--size', '100000', '100'], 'argument --size: must be >= 16 and <= 4096, got 100000'),
+    (['--smooth', 'nan'], "argument --smooth: 'nan' is not an integer"),
+])
+def test_bad_numbers_are_one_line_errors(experiments, tmp_path, capsys, args, message):
+    code, err = _in_process(capsys, experiments / 'adam_fast', '--save', tmp_path / 'o.html', *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'o.html').exists()
 
 
 def test_a_run_killed_mid_line_still_plots(experiments, tmp_path):
