@@ -22,8 +22,8 @@ import numpy as np
 # %% auto 0
 __all__ = ['positive_int', 'nonnegative_int', 'positive_float', 'nonnegative_float', 'finite_float', 'DwimlError', 'DataError',
            'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging', 'cli_parser', 'run_cli',
-           'number_in_range', 'check_parameters', 'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines',
-           'offsets_from_lengths', 'ranges_to_indices']
+           'regular_input_file', 'number_in_range', 'check_parameters', 'in_jupyter_kernel', 'progress_bar',
+           'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -220,6 +220,11 @@ def run_cli(main, argv=None):
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(141)
+    except OSError as e:
+        if e.filename is None: raise   # not about a path the user gave: a bug, keep the traceback
+        logging.getLogger('dwiml_nb').debug('error details', exc_info=True)
+        print(f"error: '{e.filename}': {(e.strerror or str(e)).lower()}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
 
 
@@ -229,6 +234,24 @@ def _quiet_broken_pipe():
     with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+def regular_input_file(path, what='file'):
+    """`path` as a `Path` when it is a regular file (or a link to one); a `ConfigError` otherwise.
+
+    Reading a FIFO blocks until something writes to it, and a device never ends: an input the
+    user names is checked before it is opened.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f'{what}: does not exist', file=path) from None
+    except OSError as e:
+        raise ConfigError(f'{what}: {(e.strerror or str(e)).lower()}', file=path) from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f'{what}: is not a regular file (a folder, FIFO or device)', file=path)
+    return path
 
 # %% ../nbs/00_core.ipynb
 def number_in_range(kind=float, minimum=None, maximum=None, *, strict_minimum=False, also=()):

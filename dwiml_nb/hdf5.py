@@ -19,7 +19,8 @@ import numpy as np
 import psutil
 
 from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
-                           cli_parser, offsets_from_lengths, progress_bar, run_cli, setup_logging)
+                           cli_parser, number_in_range, offsets_from_lengths, progress_bar, regular_input_file,
+                           run_cli, setup_logging)
 from .augment import streamline_lengths_mm
 
 try:
@@ -460,7 +461,7 @@ def load_groups_config(config):
     """
     file = None
     if isinstance(config, (str, Path)):
-        file = Path(config)
+        file = regular_input_file(config, 'groups config')
         try:
             config = json.loads(file.read_text())
         except FileNotFoundError as e:
@@ -504,7 +505,7 @@ SUBSETS = ('training_subjs', 'validation_subjs', 'testing_subjs')
 def read_subject_list(value):
     """Subject ids from a list, or from a text file (whitespace-separated ids, ``#`` comments)."""
     if isinstance(value, (str, Path)):
-        path = Path(value)
+        path = regular_input_file(value, 'subject list')
         try:
             text = path.read_text()
         except OSError as e:
@@ -1081,11 +1082,11 @@ def _create_hdf5(argv):
     for name in ('training', 'validation', 'testing'):
         p.add_argument(f'{name}_subjs', help=f'text file listing the {name} subjects (one id a line; may be empty)')
     resampling = p.add_mutually_exclusive_group()
-    resampling.add_argument('--step_size', type=float,
+    resampling.add_argument('--step_size', type=number_in_range(float, 0.01, 1000.0),
                             help='resample streamlines to this step size, mm (None: stored as loaded)')
-    resampling.add_argument('--nb_points', type=int,
+    resampling.add_argument('--nb_points', type=number_in_range(int, 2, 100_000),
                             help='resample every streamline to this number of points (None: stored as loaded)')
-    resampling.add_argument('--compress', type=float,
+    resampling.add_argument('--compress', type=number_in_range(float, 0.001, 1000.0),
                             help='compress streamlines with this tolerance, mm (None: stored as loaded)')
     p.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
     p.add_argument('--no_progress', action='store_true', help='hide the progress bar')

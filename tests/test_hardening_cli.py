@@ -27,7 +27,10 @@ BAD_ARGUMENTS = [
     (TRAIN, ['--step_size', 'nan'], "argument --step_size: 'nan' is not a finite number"),
     (TRAIN, ['--step_size', '-1'], 'argument --step_size: must be >= 0.01 or 0'),
     (TRAIN, ['--neighborhood_radius', '200'], 'argument --neighborhood_radius: must be >= 0 and <= 10'),
-    (TRAIN, ['--batch_size', '0'], 'argument --batch_size: must be > 0'),
+    (TRAIN, ['--batch_size', '0'], 'argument --batch_size: must be >= 1'),
+    (TRAIN, ['--seed', '99999999999999999999'], 'argument --seed: must be >= 0 and <= 4294967295'),
+    (TRAIN, ['--hidden_size', '1000000000'], 'argument --hidden_size: must be >= 1 and <= 16384'),
+    (TRAIN, ['--num_workers', '100000'], 'argument --num_workers: must be >= 0 and <= 256'),
     (TRAIN, ['--batch_size', 'many'], "argument --batch_size: 'many' is not an integer"),
     (TRAIN, ['--max_epochs', '0'], 'argument --max_epochs: must be > 0'),
     (TRAIN, ['--learning_rate', '-1'], 'argument --learning_rate: must be > 0'),
@@ -164,3 +167,35 @@ def test_resume_with_a_bad_name_or_path(tmp_path, experiments):
     (tmp_path / 'empty').mkdir()
     run = run_script(RESUME, tmp_path / 'empty', 'run_a')
     assert_one_line_error(run, 'no such experiment folder', 'there is no experiment in')
+
+
+CREATE = 'dwiml_create_hdf5_dataset'
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--step_size', '1e-9'], 'argument --step_size: must be >= 0.01'),
+    (['--nb_points', '100000000000'], 'argument --nb_points: must be >= 2 and <= 100000'),
+    (['--compress', 'inf'], "argument --compress: 'inf' is not a finite number"),
+])
+def test_resampling_options_of_the_builder_are_bounded(tmp_path, extra, message):
+    # Before: --step_size 1e-9 tried to allocate 1.17 TiB while resampling.
+    run = subprocess.run([BIN / CREATE, 'db', 'out.hdf5', 'c.json', 't.txt', 'v.txt', 'x.txt', *extra],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert_one_line_error(run, message)
+
+
+def test_a_fifo_as_the_builders_config_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / 'c.json')
+    (tmp_path / 'db').mkdir()
+    for name in ('t.txt', 'v.txt', 'x.txt'): (tmp_path / name).write_text('')
+    run = subprocess.run([BIN / CREATE, 'db', 'out.hdf5', 'c.json', 't.txt', 'v.txt', 'x.txt'],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert_one_line_error(run, 'groups config: is not a regular file')
+    assert not (tmp_path / 'out.hdf5').exists()
+
+
+@pytest.mark.parametrize('script, argv', [(TRAIN, ['x' * 300, 'run', 'missing.hdf5', 'input', 'streamlines']),
+                                          (RESUME, ['x' * 300, 'run'])])
+def test_a_path_the_system_refuses_is_one_line(tmp_path, script, argv):
+    run = subprocess.run([BIN / script, *argv], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert_one_line_error(run, 'too long')

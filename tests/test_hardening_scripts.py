@@ -59,15 +59,8 @@ NUMBERS = ('-1', '0', '-5', '1e309', 'inf', '-inf', 'nan', '1e-9', '100000', '99
 JUNK = ('', ' ', 'abc', '..', '/', '-', '{}', '[', 'x' * 300, 'é')
 LONG_NAME = 'x' * 300   # longer than a file name may be (ENAMETOOLONG)
 JUNK = ('', ' ', 'abc', '..', '/', '-', '{}', '[', LONG_NAME, 'é')
-# KNOWN crashes of scripts of other modules, reported and proven by the xfail tests below; their
-# values are not generated for those scripts until they are fixed (then remove them here).
-KNOWN = {
-    # blocks forever reading a FIFO given as its config or subject lists
-    'dwiml_create_hdf5_dataset': {'fifo'},
-    # OSError traceback (ENAMETOOLONG) from Path.exists()/is_dir() on the experiments path
-    'dwiml_train_model': {LONG_NAME},
-    'dwiml_resume_training_from_checkpoint': {LONG_NAME},
-}
+# Crashes found by this test once and fixed since: none is left out of the generated inputs.
+KNOWN = {}
 # Inputs a script could do work with if they were right: only bad ones are given. An output folder
 # that exists and is empty, or a missing one, would be built: give only unusable ones.
 ONLY_UNUSABLE_FOLDERS = {'dwiml_make_demo_dataset': ('fifo', '/dev/null', 'text.txt', 'text.txt/under_a_file', '',
@@ -207,8 +200,6 @@ def test_named_bad_arguments_say_so_before_any_work(script, argv, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith('error: '), err
 
 
-@pytest.mark.xfail(reason='KNOWN: dwiml_create_hdf5_dataset opens a FIFO config and waits for a writer (reported)',
-                   raises=Hang, strict=False)
 def test_create_hdf5_with_a_fifo_config_does_not_hang(capsys):
     capsys.readouterr()
     with fresh_folder(), time_limit(3), pytest.raises(SystemExit) as exit_:
@@ -216,8 +207,6 @@ def test_create_hdf5_with_a_fifo_config_does_not_hang(capsys):
     assert exit_.value.code == 2
 
 
-@pytest.mark.xfail(reason='KNOWN: an experiments path longer than a file name may be is an OSError traceback '
-                          '(trainer.check_experiments_path / load_checkpoint; reported)', raises=OSError, strict=False)
 @pytest.mark.parametrize('script, argv', [
     ('dwiml_train_model', [LONG_NAME, 'run', 'missing.hdf5', 'input', 'streamlines']),
     ('dwiml_resume_training_from_checkpoint', [LONG_NAME, 'run']),

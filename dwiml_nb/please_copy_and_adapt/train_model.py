@@ -122,7 +122,7 @@ def build_parser():
     g = p.add_argument_group('data')
     g.add_argument('--lazy', action='store_true', help='Read the HDF5 lazily (bounded memory).')
     g.add_argument('--cache_size', type=nonnegative_int, default=2, help='Volumes kept per process in lazy mode.')
-    g.add_argument('--batch_size', type=positive_int, default=100, help='Streamlines per batch.')
+    g.add_argument('--batch_size', type=number_in_range(int, 1, 10_000_000), default=100, help='Streamlines per batch.')
     g.add_argument('--step_size', type=number_in_range(float, MIN_STEP_SIZE, also=(0,)), default=1.0,
                    help=f'Resampling step in mm, >= {MIN_STEP_SIZE} (0: no resampling).')
     g.add_argument('--neighborhood_type', choices=['none', 'axes', 'grid'], default='axes',
@@ -136,8 +136,8 @@ def build_parser():
     g.add_argument('--noise_gaussian_size', type=nonnegative_float, default=0.1,
                    help='Std of the Gaussian noise added to the training points, in mm (0: none).')
     g = p.add_argument_group('model')
-    g.add_argument('--hidden_size', type=positive_int, default=64, help='Units of the recurrent layers.')
-    g.add_argument('--nb_layers', type=positive_int, default=1, help='Number of recurrent layers.')
+    g.add_argument('--hidden_size', type=number_in_range(int, 1, 16_384), default=64, help='Units of the recurrent layers.')
+    g.add_argument('--nb_layers', type=number_in_range(int, 1, 64), default=1, help='Number of recurrent layers.')
     g.add_argument('--rnn', choices=['lstm', 'gru'], default='lstm', help='Recurrent layer type.')
     g = p.add_argument_group('training')
     g.add_argument('--max_epochs', type=positive_int, default=10, help='Epochs to train.')
@@ -154,13 +154,13 @@ def build_parser():
                    help='Cut validation epochs to this many batches (None: every streamline once).')
     g.add_argument('--checkpoint_every_n_batches', type=positive_int, default=None,
                    help='Also checkpoint in the middle of epochs, every N training batches (None: at epoch ends).')
-    g.add_argument('--num_workers', type=nonnegative_int, default=0,
+    g.add_argument('--num_workers', type=number_in_range(int, 0, 256), default=0,
                    help='DataLoader worker processes (results do not depend on it).')
     g.add_argument('--num_threads', type=positive_int, default=None,
                    help="torch threads while training (None: OMP_NUM_THREADS if set, else half of the cores the "
                         'workers leave).')
     g.add_argument('--device', type=device_arg, default='auto', help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    g.add_argument('--seed', type=nonnegative_int, default=1234, help='Seed of every random draw (batches, augmentation, model).')
+    g.add_argument('--seed', type=number_in_range(int, 0, 2**32 - 1), default=1234, help='Seed of every random draw (batches, augmentation, model).')
     g.add_argument('--overwrite', action='store_true', help='Replace an existing experiment folder.')
     g.add_argument('--no_progress', action='store_true', help='Hide progress bars.')
     g.add_argument('--tracker', choices=['none', 'tensorboard', 'comet'], default='none',
