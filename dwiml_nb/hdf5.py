@@ -913,6 +913,15 @@ def create_hdf5_dataset(database_dir, out_file, config, training_subjs, validati
         raise ConfigError('already exists; use overwrite (--overwrite) to replace it', file=out_file)
     if out_file.is_dir():
         raise ConfigError('is a directory', file=out_file)
+    # Checked before any work (a build of many subjects must not fail at its very end): the output's
+    # folder, or the nearest existing folder above it when it is to be made, must be a writable folder.
+    existing = out_file.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot be written: '{existing}' is not a folder", file=out_file)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot be written: the folder '{existing}' is read-only for this user", file=out_file)
     if not database_dir.is_dir():
         raise DataError('is not a directory', file=database_dir)
     subjects = [*training, *validation, *testing]

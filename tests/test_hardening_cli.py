@@ -199,3 +199,15 @@ def test_a_fifo_as_the_builders_config_is_refused_not_waited_on(tmp_path):
 def test_a_path_the_system_refuses_is_one_line(tmp_path, script, argv):
     run = subprocess.run([BIN / script, *argv], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert_one_line_error(run, 'too long')
+
+
+def test_the_builders_output_folder_is_checked_before_any_work(tmp_path):
+    (tmp_path / 'db').mkdir(); (tmp_path / 'afile').write_text('')
+    (tmp_path / 'c.json').write_text('{"input": {"type": "volume", "files": ["input.nii.gz"], "standardization": "none"}}')
+    for name in ('t.txt', 'v.txt', 'x.txt'): (tmp_path / name).write_text('')
+    (tmp_path / 't.txt').write_text('sub-01\n'); (tmp_path / 'db' / 'sub-01').mkdir()
+    for out, message in (('afile/out.hdf5', "cannot be written: 'afile' is not a folder"),
+                         ('afile/sub/out.hdf5', "cannot be written: 'afile' is not a folder")):
+        run = subprocess.run([BIN / CREATE, 'db', out, 'c.json', 't.txt', 'v.txt', 'x.txt'],
+                             capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert_one_line_error(run, message)
