@@ -119,19 +119,8 @@ def test_train_script_refuses_an_experiments_path_under_a_file(tmp_path):
     assert_one_line_error(run, 'experiments_path is not a folder')
 
 
-def _read_only_folder(tmp_path):
-    if os.geteuid() != 0:
-        folder = tmp_path / 'ro'
-        folder.mkdir()
-        folder.chmod(0o555)
-        return folder
-    if not os.access('/proc/sys', os.W_OK):   # root writes everywhere, except where the kernel says no
-        return Path('/proc/sys')
-    pytest.skip('no read-only folder for root here')
-
-
-def test_train_script_refuses_a_read_only_experiments_path(tmp_path):
-    parent = _read_only_folder(tmp_path)
+def test_train_script_refuses_a_read_only_experiments_path(tmp_path, read_only_folder):
+    parent = read_only_folder
     try:
         run = run_script(TRAIN, parent / 'exps', 'run', tmp_path / 'missing.hdf5', 'input', 'streamlines')
         assert_one_line_error(run, 'experiments_path cannot be written', 'read-only')

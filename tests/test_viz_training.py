@@ -127,22 +127,11 @@ def test_damaged_logs_name_the_file_and_the_column(experiments, tmp_path, capsys
     assert not (tmp_path / 'out.html').exists()
 
 
-def _read_only_folder(tmp_path):
-    if os.geteuid() != 0:
-        folder = tmp_path / 'ro'
-        folder.mkdir()
-        folder.chmod(0o555)
-        return folder
-    if not os.access('/proc/sys', os.W_OK):   # root writes everywhere, except where the kernel says no
-        return Path('/proc/sys')
-    pytest.skip('no read-only folder for root here')
-
-
-def test_the_output_is_checked_before_any_log_is_read(experiments, tmp_path, capsys):
+def test_the_output_is_checked_before_any_log_is_read(experiments, tmp_path, capsys, read_only_folder):
     "A bad --save is said first, even when the experiment is missing too: nothing is read or drawn for nothing."
     (tmp_path / 'a_file').write_text('x')
     (tmp_path / 'old.html').write_text('mine')
-    read_only = _read_only_folder(tmp_path)
+    read_only = read_only_folder
     try:
         for out, message in [(tmp_path / 'old.html', 'exists; pass --overwrite to replace it'),
                              (tmp_path / 'no' / 'x.html', 'does not exist'),
