@@ -21,9 +21,9 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['positive_int', 'nonnegative_int', 'positive_float', 'nonnegative_float', 'finite_float', 'DwimlError', 'DataError',
-           'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'setup_logging', 'cli_parser', 'run_cli',
-           'regular_input_file', 'number_in_range', 'check_parameters', 'in_jupyter_kernel', 'progress_bar',
-           'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
+           'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'check_output_file', 'setup_logging',
+           'cli_parser', 'run_cli', 'regular_input_file', 'number_in_range', 'check_parameters', 'in_jupyter_kernel',
+           'progress_bar', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -101,10 +101,7 @@ def _check_replaceable(path):
     if stat.S_ISLNK(mode):
         raise DataError('is a symbolic link: refusing to replace it with a file (give the path of the file it '
                         'points to, or remove the link)', file=path)
-    kind = ('a directory' if stat.S_ISDIR(mode) else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode)
-            else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'a socket' if stat.S_ISSOCK(mode)
-            else 'not a regular file')
-    raise DataError(f'exists and is {kind}, not a regular file: refusing to replace it', file=path)
+    raise DataError(f'exists and is {_file_kind(mode)}, not a regular file: refusing to replace it', file=path)
 
 
 def _out_of_space(error, tmp):
@@ -169,6 +166,59 @@ def _fsync_dir(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+# %% ../nbs/00_core.ipynb
+def _file_kind(mode):
+    return ('a symbolic link' if stat.S_ISLNK(mode) else 'a directory' if stat.S_ISDIR(mode)
+            else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode)
+            else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else 'a socket' if stat.S_ISSOCK(mode) else 'not a regular file')
+
+
+def check_output_file(path, overwrite=False, suffixes=None, option='--save'):
+    """Refuse an output path a script should not write, before the script does any work.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output file.
+    overwrite : bool
+        Whether an existing regular file may be replaced.
+    suffixes : sequence of str, optional
+        Accepted file name endings (lower case, with the dot).
+    option : str
+        The option named in the messages.
+
+    Raises
+    ------
+    DataError
+        An empty path, a wrong ending, a target that exists and is not a regular file (a symbolic
+        link, a directory, a FIFO, a device), an existing file without ``overwrite``, or a folder
+        that is missing, not a folder, or not writable.
+    """
+    if not str(path):
+        raise DataError(f'{option} needs a file name, got an empty string')
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:   # a parent that is a file, a name too long, no permission to look
+        raise DataError(f'cannot be written: {e.strerror}', file=path) from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise DataError(f'exists and is {_file_kind(mode)}, not a regular file: refusing to replace it', file=path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise DataError(f"the output must end with {' or '.join(suffixes)}", file=path)
+    if mode is not None and not overwrite:
+        raise DataError('exists; pass --overwrite to replace it', file=path)
+    parent = path.parent
+    if not parent.exists():
+        raise DataError(f"cannot be written: the folder '{parent}' does not exist", file=path)
+    if not parent.is_dir():
+        raise DataError(f"cannot be written: '{parent}' is not a folder", file=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"cannot be written: the folder '{parent}' is read-only", file=path)
+    return path
 
 # %% ../nbs/00_core.ipynb
 def setup_logging(verbose=False):

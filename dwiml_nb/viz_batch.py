@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, cli_parser,
-                           in_jupyter_kernel, number_in_range, offsets_from_lengths, ranges_to_indices, run_cli,
+from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic_write, check_output_file,
+                           cli_parser, in_jupyter_kernel, number_in_range, offsets_from_lengths, ranges_to_indices, run_cli,
                            setup_logging)
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_C
            'legend_html', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'ensure_runtime_dir',
            'check_rendering', 'view_direction', 'slice_plane', 'orientation_positions', 'render_view', 'png_bytes',
            'save_png', 'annotate', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas',
-           'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'check_output_file', 'visualize_batch_main']
+           'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
 def hsv_to_rgb(hsv):
@@ -1344,59 +1344,6 @@ class BatchInspector(_InspectorControls, _InspectorDrawing):
                 AbstractBatchSampler(subset, streamline_group, **self._sampler_kwargs) if input_group is None
                 else BatchStreamlinesSamplerOneInput(subset, streamline_group, input_group, **self._sampler_kwargs))
         return self._samplers[name]
-
-# %% ../nbs/09_viz_batch.ipynb
-def _file_kind(mode):
-    return ('a symbolic link' if stat.S_ISLNK(mode) else 'a directory' if stat.S_ISDIR(mode)
-            else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode)
-            else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else 'a socket' if stat.S_ISSOCK(mode) else 'not a regular file')
-
-
-def check_output_file(path, overwrite=False, suffixes=None, option='--save'):
-    """Refuse an output path a script should not write, before the script does any work.
-
-    Parameters
-    ----------
-    path : str or Path
-        The output file.
-    overwrite : bool
-        Whether an existing regular file may be replaced.
-    suffixes : sequence of str, optional
-        Accepted file name endings (lower case, with the dot).
-    option : str
-        The option named in the messages.
-
-    Raises
-    ------
-    DataError
-        An empty path, a wrong ending, a target that exists and is not a regular file (a symbolic
-        link, a directory, a FIFO, a device), an existing file without ``overwrite``, or a folder
-        that is missing, not a folder, or not writable.
-    """
-    if not str(path):
-        raise DataError(f'{option} needs a file name, got an empty string')
-    path = Path(path)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as e:   # a parent that is a file, a name too long, no permission to look
-        raise DataError(f'cannot be written: {e.strerror}', file=path) from None
-    if mode is not None and not stat.S_ISREG(mode):
-        raise DataError(f'exists and is {_file_kind(mode)}, not a regular file: refusing to replace it', file=path)
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise DataError(f"the output must end with {' or '.join(suffixes)}", file=path)
-    if mode is not None and not overwrite:
-        raise DataError('exists; pass --overwrite to replace it', file=path)
-    parent = path.parent
-    if not parent.exists():
-        raise DataError(f"cannot be written: the folder '{parent}' does not exist", file=path)
-    if not parent.is_dir():
-        raise DataError(f"cannot be written: '{parent}' is not a folder", file=path)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"cannot be written: the folder '{parent}' is read-only", file=path)
-    return path
 
 # %% ../nbs/09_viz_batch.ipynb
 _SIZE = number_in_range(int, 16, 4096)   # pixels: enough for a thumbnail, at most a 4K picture

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import (DataError, DwimlError, atomic_write, cli_parser, in_jupyter_kernel, number_in_range, run_cli,
+from .core import (DataError, DwimlError, atomic_write, check_output_file, cli_parser, in_jupyter_kernel, number_in_range, run_cli,
                            setup_logging)
 
 logger = logging.getLogger(__name__)
@@ -452,7 +452,6 @@ def _visualize_logs(argv=None):
     parser.add_argument('-v', '--verbose', action='store_true', help='print debug messages')
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    from dwiml_nb.viz_batch import check_output_file
     for out in args.save:   # before reading any log: a bad output is said at once
         check_output_file(out, args.overwrite, suffixes=('.html', '.png'))
     try:
