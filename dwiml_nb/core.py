@@ -21,9 +21,9 @@ import numpy as np
 
 # %% auto 0
 __all__ = ['positive_int', 'nonnegative_int', 'positive_float', 'nonnegative_float', 'finite_float', 'DwimlError', 'DataError',
-           'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'check_output_file', 'setup_logging',
-           'cli_parser', 'run_cli', 'regular_input_file', 'number_in_range', 'check_parameters', 'in_jupyter_kernel',
-           'progress_bar', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
+           'ConfigError', 'CheckpointError', 'DiskFullError', 'atomic_write', 'nearest_existing', 'check_output_file',
+           'setup_logging', 'cli_parser', 'run_cli', 'regular_input_file', 'number_in_range', 'check_parameters',
+           'in_jupyter_kernel', 'progress_bar', 'PackedStreamlines', 'offsets_from_lengths', 'ranges_to_indices']
 
 # %% ../nbs/00_core.ipynb
 class DwimlError(Exception):
@@ -166,6 +166,17 @@ def _fsync_dir(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+# %% ../nbs/00_core.ipynb
+def nearest_existing(path):
+    """`path`, or when it does not exist its nearest existing parent: where ``mkdir(parents=True)`` would
+    create it. A broken symbolic link on the way is a `ConfigError` (mkdir would fail on it)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise ConfigError('is a broken symbolic link', file=existing)
+        existing = existing.parent
+    return existing
 
 # %% ../nbs/00_core.ipynb
 def _file_kind(mode):

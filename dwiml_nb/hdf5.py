@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 
 from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
-                           cli_parser, number_in_range, offsets_from_lengths, progress_bar, regular_input_file,
+                           cli_parser, nearest_existing, number_in_range, offsets_from_lengths, progress_bar, regular_input_file,
                            run_cli, setup_logging)
 from .augment import streamline_lengths_mm
 
@@ -915,9 +915,7 @@ def create_hdf5_dataset(database_dir, out_file, config, training_subjs, validati
         raise ConfigError('is a directory', file=out_file)
     # Checked before any work (a build of many subjects must not fail at its very end): the output's
     # folder, or the nearest existing folder above it when it is to be made, must be a writable folder.
-    existing = out_file.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(out_file.parent)
     if not existing.is_dir():
         raise ConfigError(f"cannot be written: '{existing}' is not a folder", file=out_file)
     if not os.access(existing, os.W_OK | os.X_OK):

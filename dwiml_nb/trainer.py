@@ -32,7 +32,7 @@ import torch
 
 import dwiml_nb
 from .core import (CheckpointError, ConfigError, DiskFullError, DwimlError, atomic_write, cli_parser,
-                           nonnegative_int, positive_int, progress_bar, run_cli, setup_logging)
+                           nearest_existing, nonnegative_int, positive_int, progress_bar, run_cli, setup_logging)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,7 @@ def check_experiments_path(experiments_path):
     It (or, when it does not exist yet, its nearest existing parent) must be a folder we may write in.
     """
     path = Path(experiments_path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():   # a dangling link: mkdir would fail on it
-            raise ConfigError('is a broken symbolic link', file=existing)
-        existing = existing.parent
+    existing = nearest_existing(path)
     if not existing.is_dir():
         what = 'is not a folder' if existing == path else f"cannot be created: '{existing}' is not a folder"
         raise ConfigError(f'experiments_path {what}', file=path)
