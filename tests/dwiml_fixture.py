@@ -1,6 +1,6 @@
 """Write a small HDF5 file exactly as dwi_ml's own builder (`dwiml_create_hdf5_dataset`) does.
 
-Follows /work/shared/notes/dwiml_hdf5_layout.md attribute by attribute and dtype by dtype, so
+Follows the layout dwi_ml's builder writes (observed on its files) attribute by attribute and dtype by dtype, so
 that tests prove we read dwi_ml's files *without conversion*. The writer returns the values it
 wrote (the ground truth) so tests can compare every value that comes back.
 
