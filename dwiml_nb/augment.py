@@ -12,13 +12,16 @@ import numbers
 import numba
 import numpy as np
 
-from .core import ConfigError, DataError, PackedStreamlines, offsets_from_lengths
+from .core import ConfigError, DataError, PackedStreamlines, offsets_from_lengths, ranges_to_indices
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'streamline_lengths_mm', 'resample_nb_points', 'resample_step_size', 'compress', 'split_streamlines',
-           'reverse_streamlines', 'add_noise', 'directions']
+__all__ = ['logger', 'STEP_RTOL', 'TRANSFORMS', 'AUGMENTATION_DEFAULTS', 'streamline_lengths_mm', 'nb_points_for_step',
+           'step_is_stored', 'resample_nb_points', 'resample_step_size', 'compress', 'split_streamlines',
+           'reverse_streamlines', 'add_noise', 'directions', 'register_transform', 'Transform', 'Resample', 'Split',
+           'Reverse', 'Noise', 'apply_transforms', 'transforms_from_params', 'default_transforms',
+           'augmentation_kwargs']
 
 # %% ../nbs/05_augment.ipynb
 def _check_ratio(ratio, name):
@@ -104,6 +107,47 @@ def streamline_lengths_mm(streams, vox_to_mm):
     return np.bincount(streams.streamline_index()[:-1], weights=seg, minlength=len(streams))
 
 # %% ../nbs/05_augment.ipynb
+STEP_RTOL = 1e-6
+
+
+def nb_points_for_step(lengths_mm, step_size, *, margin=0.):
+    """Number of points of streamlines of length `lengths_mm` resampled at `step_size` mm.
+
+    scilpy's rule (``resample_streamlines_step_size``, used by dwi_ml's HDF5 builder):
+    ``max(2, ceil(L / step_size))`` points, equally spaced along the streamline.
+
+    Parameters
+    ----------
+    lengths_mm : array_like of float
+        Streamline lengths, in mm.
+    step_size : float
+        Step in mm, > 0.
+    margin : float, optional
+        0 (default): the rule itself. > 0: an upper bound for lengths known up to a relative
+        rounding, ``max(2, ceil(r * (1 + margin) + margin))`` with ``r = L / step_size``.
+
+    Returns
+    -------
+    ndarray of int64
+        Same shape as `lengths_mm`. Callers leave streamlines of fewer than 2 points as they are.
+    """
+    ratio = np.asarray(lengths_mm, dtype=np.float64) / step_size
+    if margin:
+        ratio = ratio * (1 + margin) + margin
+    return np.maximum(np.ceil(ratio), 2).astype(np.int64)
+
+
+def step_is_stored(step_size, stored_step_size, stored_compress=None, *, rtol=STEP_RTOL):
+    """True when resampling to `step_size` would redo the HDF5 builder's resampling.
+
+    That is when the file was resampled to `stored_step_size` (its root attribute), not
+    compressed (`stored_compress` None), and ``|step_size - stored_step_size| <= rtol * stored_step_size``.
+    """
+    if step_size is None or stored_step_size is None or stored_compress is not None:
+        return False
+    return abs(float(step_size) - float(stored_step_size)) <= rtol * abs(float(stored_step_size))
+
+# %% ../nbs/05_augment.ipynb
 @numba.njit(cache=True, error_model='numpy')  # x/0 gives inf/nan, as in dipy's C
 def _resample_kernel(data, cum, offsets, lengths, counts, out_offsets, out):  # pragma: no cover
     # Walks each streamline's segments once, like dipy's c_set_number_of_points, but reads the
@@ -179,7 +223,8 @@ def resample_step_size(streams, step_size_mm, vox_to_mm):
     """Resample every streamline to (about) `step_size_mm` mm between consecutive points.
 
     Follows scilpy's ``resample_streamlines_step_size``, which dwi_ml uses to build its HDF5 files:
-    a streamline of length L mm gets ``nb = max(2, ceil(L / step_size_mm))`` points, equally spaced
+    a streamline of length L mm gets ``nb = max(2, ceil(L / step_size_mm))`` points
+    (`nb_points_for_step`), equally spaced
     along its length (``set_number_of_points(s_mm, nb)``). The effective step is therefore
     ``L / (nb - 1)``, slightly above `step_size_mm` when L is not a multiple of it.
 
@@ -209,8 +254,7 @@ def resample_step_size(streams, step_size_mm, vox_to_mm):
     streams = _contiguous(streams)
     seg = _segment_lengths(streams, m)
     arc = np.bincount(streams.streamline_index()[:-1], weights=seg, minlength=len(streams))
-    counts = np.where(streams.lengths >= 2, np.maximum(np.ceil(arc / step), 2).astype(np.int64),
-                      streams.lengths)
+    counts = np.where(streams.lengths >= 2, nb_points_for_step(arc, step), streams.lengths)
     return _resample(streams, counts, seg)
 
 # %% ../nbs/05_augment.ipynb
@@ -445,3 +489,253 @@ def directions(streams, vox_to_mm=None):
     unit = np.divide(steps, norms, out=np.zeros_like(steps), where=norms > 0)
     lengths = np.maximum(streams.lengths - 1, 0)
     return PackedStreamlines(unit.astype(np.float32), offsets_from_lengths(lengths), lengths)
+
+# %% ../nbs/05_augment.ipynb
+TRANSFORMS = {}
+
+
+def register_transform(cls):
+    """Class decorator: allow `transforms_from_params` to rebuild `cls` from its `get_params()`.
+
+    The registry key is the class name; registering another class under a taken name is refused
+    (re-running the cell that defines the same class replaces it).
+    """
+    name = cls.__name__
+    known = TRANSFORMS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ConfigError(f'a transform named {name!r} is already registered ({known.__module__}.{known.__qualname__})')
+    TRANSFORMS[name] = cls
+    return cls
+
+
+class Transform:
+    """Base class of the batch transforms: ``transform(streams, rng, vox_to_mm) -> (streams, record)``.
+
+    Subclasses list their constructor arguments in `_params` and keep each one as an attribute of
+    the same name; `get_params`, `__repr__` and `==` follow from it.
+    """
+    _params = ()
+
+    def __call__(self, streams, rng, vox_to_mm):
+        raise NotImplementedError(f'{type(self).__name__} must implement __call__(streams, rng, vox_to_mm)')
+
+    def get_params(self):
+        "``{'name': class name, **constructor arguments}``, plain Python (what a checkpoint saves)."
+        return {'name': type(self).__name__, **{p: getattr(self, p) for p in self._params}}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{p}={getattr(self, p)!r}' for p in self._params)})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_params() == other.get_params()
+
+    __hash__ = None
+
+# %% ../nbs/05_augment.ipynb
+@register_transform
+class Resample(Transform):
+    """Resample every streamline: to `step_size` mm, to `nb_points` points, or `compress` (tolerance in mm).
+
+    Record: ``'resampled'`` (bool), True for the streamlines of >= 2 points that were resampled;
+    all False when the step is the file's own (see `step_is_stored` and `knowing_stored`).
+    """
+    _params = ('step_size', 'nb_points', 'compress')
+
+    def __init__(self, step_size=None, nb_points=None, compress=None):
+        given = {k: v for k, v in dict(step_size=step_size, nb_points=nb_points, compress=compress).items()
+                 if v is not None}
+        if len(given) != 1:
+            raise ConfigError(f'Resample needs exactly one of step_size, nb_points and compress, got {given}')
+        if nb_points is not None and (isinstance(nb_points, bool) or not isinstance(nb_points, numbers.Integral)
+                                      or nb_points < 2):
+            raise ConfigError(f'Resample nb_points must be an integer >= 2, got {nb_points!r}')
+        self.step_size = None if step_size is None else _check_positive(step_size, 'Resample step_size')
+        self.nb_points = None if nb_points is None else int(nb_points)
+        self.compress = None if compress is None else _check_positive(compress, 'Resample compress')
+        self.stored = (None, None)   # (step_size, compress) of the file, set by `knowing_stored`
+
+    def knowing_stored(self, stored_step_size, stored_compress=None):
+        "A copy that knows how the file was resampled (its root attributes `step_size` and `compress`)."
+        copy = Resample(self.step_size, self.nb_points, self.compress)
+        copy.stored = (stored_step_size, stored_compress)
+        return copy
+
+    @property
+    def skips(self):
+        "True when the points already have the requested step: resampling them again is skipped."
+        return step_is_stored(self.step_size, *self.stored)
+
+    def __call__(self, streams, rng, vox_to_mm):
+        if self.skips:
+            return streams, {'resampled': np.zeros(len(streams), dtype=bool)}
+        if self.step_size is not None:
+            out = resample_step_size(streams, self.step_size, vox_to_mm)
+        elif self.nb_points is not None:
+            out = resample_nb_points(streams, self.nb_points)   # in voxel space, as dwi_ml does
+        else:
+            out = compress(streams, self.compress, vox_to_mm)
+        return out, {'resampled': np.asarray(streams.lengths) >= 2}
+
+# %% ../nbs/05_augment.ipynb
+@register_transform
+class Split(Transform):
+    """Cut each streamline in two with probability `ratio` (`split_streamlines`), every point kept.
+
+    Record: ``'source'`` (int64, input index of every output streamline) and ``'split'`` (int8:
+    0 not split, 1 first half, 2 second half).
+    """
+    _params = ('ratio',)
+
+    def __init__(self, ratio):
+        self.ratio = _check_ratio(ratio, 'Split ratio')
+
+    def __call__(self, streams, rng, vox_to_mm):
+        if self.ratio == 0:   # draws nothing, as if the transform were not in the list
+            return streams, {'split': np.zeros(len(streams), dtype=np.int8)}
+        out, source = split_streamlines(streams, self.ratio, rng)
+        halves = np.bincount(source, minlength=len(streams))[source] == 2
+        first = np.concatenate([[True], source[1:] != source[:-1]])   # halves follow each other in `out`
+        return out, {'source': source, 'split': np.where(halves, np.where(first, 1, 2), 0).astype(np.int8)}
+
+# %% ../nbs/05_augment.ipynb
+@register_transform
+class Reverse(Transform):
+    """Reverse each streamline with probability `ratio` (`reverse_streamlines`). Record: ``'reversed'`` (bool)."""
+    _params = ('ratio',)
+
+    def __init__(self, ratio):
+        self.ratio = _check_ratio(ratio, 'Reverse ratio')
+
+    def __call__(self, streams, rng, vox_to_mm):
+        if self.ratio == 0:
+            return streams, {'reversed': np.zeros(len(streams), dtype=bool)}
+        out, flipped = reverse_streamlines(streams, self.ratio, rng)
+        return out, {'reversed': flipped}
+
+# %% ../nbs/05_augment.ipynb
+def _largest_move_mm(before, after, vox_to_mm):
+    "Largest displacement (mm) of each streamline's points from `before` to `after` (same offsets and lengths)."
+    points = ranges_to_indices(before.offsets, before.lengths)
+    step = _apply_linear((after.data[points] - before.data[points]).astype(np.float64), _check_vox_to_mm(vox_to_mm))
+    moved = np.sqrt(np.einsum('ij,ij->i', step, step))
+    largest = np.zeros(len(before), dtype=np.float32)
+    nonempty = before.lengths > 0
+    if len(moved):
+        largest[nonempty] = np.maximum.reduceat(moved, offsets_from_lengths(before.lengths[nonempty]))
+    return largest
+
+
+@register_transform
+class Noise(Transform):
+    """Gaussian noise on the points, `std_mm` per mm axis, clipped at `max_mm` (default 2 std): `add_noise`.
+
+    Record: ``'noise_mm'`` (float32), the largest displacement of the streamline's points, in mm.
+    """
+    _params = ('std_mm', 'max_mm')
+
+    def __init__(self, std_mm, max_mm=None):
+        self.std_mm = _check_positive(std_mm, 'Noise std_mm', allow_zero=True)
+        self.max_mm = None if max_mm is None else _check_positive(max_mm, 'Noise max_mm', allow_inf=True)
+
+    def __call__(self, streams, rng, vox_to_mm):
+        if self.std_mm == 0:
+            return streams, {'noise_mm': np.zeros(len(streams), dtype=np.float32)}
+        out = add_noise(streams, self.std_mm, rng, vox_to_mm, self.max_mm)
+        return out, {'noise_mm': _largest_move_mm(streams, out, vox_to_mm)}
+
+# %% ../nbs/05_augment.ipynb
+def apply_transforms(transforms, streams, rng, vox_to_mm):
+    """Run `transforms` in order on `streams`.
+
+    Parameters
+    ----------
+    transforms : list of callables ``(streams, rng, vox_to_mm) -> (streams, record)``
+    streams : PackedStreamlines
+    rng : numpy.random.Generator
+        Shared by all the transforms, in list order.
+    vox_to_mm : array_like
+        3×3 linear part of the voxel-to-mm affine.
+
+    Returns
+    -------
+    streams : PackedStreamlines
+    source : ndarray of int64 (N_out,)
+        Index in the input of every output streamline.
+    record : dict of str -> ndarray (N_out, ...)
+        Every transform's record, aligned with the output (a later transform's key replaces an
+        earlier one's).
+
+    Raises
+    ------
+    ConfigError
+        When a transform returns a record that is not one value per output streamline.
+    """
+    source, record = np.arange(len(streams), dtype=np.int64), {}
+    for transform in transforms:
+        streams, step_record = transform(streams, rng, vox_to_mm)
+        step_record = dict(step_record)
+        step_source = step_record.pop('source', None)
+        if step_source is not None:
+            step_source = np.asarray(step_source, dtype=np.int64)
+            source, record = source[step_source], {k: v[step_source] for k, v in record.items()}
+        step_record = {k: np.asarray(v) for k, v in step_record.items()}
+        wrong = {k: v.shape for k, v in step_record.items() if v.shape[:1] != (len(streams),)}
+        if len(source) != len(streams) or wrong:
+            raise ConfigError(f'transform {transform!r} returned {len(streams)} streamlines with records of shapes '
+                              f'{wrong or "(none)"} and {len(source)} sources: a transform that changes the number or '
+                              "order of the streamlines must return a 'source' record, one value per streamline")
+        record.update(step_record)
+    return streams, source, record
+
+# %% ../nbs/05_augment.ipynb
+AUGMENTATION_DEFAULTS = dict(step_size=None, nb_points=None, compress=None, split_ratio=0., reverse_ratio=0.,
+                             noise_gaussian_size=0., noise_gaussian_max=None)
+
+
+def transforms_from_params(params):
+    """Transforms from a list of `get_params()` dicts (transform objects are kept as they are).
+
+    Raises
+    ------
+    ConfigError
+        For an entry that is not a dict with a registered ``'name'``, or whose arguments the class refuses.
+    """
+    transforms = []
+    for entry in params or ():
+        if isinstance(entry, Transform) or (callable(entry) and not isinstance(entry, (dict, type))):
+            transforms.append(entry)
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get('name'), str):
+            raise ConfigError(f"a transform must be given as a dict with its 'name' (see Transform.get_params), got {entry!r}")
+        cls = TRANSFORMS.get(entry['name'])
+        if cls is None:
+            raise ConfigError(f"unknown transform {entry['name']!r}; the registered ones are {sorted(TRANSFORMS)} "
+                              '(decorate a new one with register_transform)')
+        try:
+            transforms.append(cls(**{k: v for k, v in entry.items() if k != 'name'}))
+        except TypeError as e:
+            raise ConfigError(f"transform {entry['name']}: {e}") from None
+    return transforms
+
+
+def default_transforms(step_size=None, nb_points=None, compress=None, split_ratio=0., reverse_ratio=0.,
+                       noise_gaussian_size=0., noise_gaussian_max=None):
+    "The transforms the samplers' historical arguments stand for, in their historical order."
+    transforms = []
+    if (step_size, nb_points, compress) != (None, None, None):
+        transforms.append(Resample(step_size, nb_points, compress))
+    if split_ratio: transforms.append(Split(split_ratio))
+    if reverse_ratio: transforms.append(Reverse(reverse_ratio))
+    if noise_gaussian_size: transforms.append(Noise(noise_gaussian_size, noise_gaussian_max))
+    return transforms
+
+
+def augmentation_kwargs(transforms):
+    "The historical arguments (`AUGMENTATION_DEFAULTS` keys) that describe `transforms` (first of each kind)."
+    kw = dict(AUGMENTATION_DEFAULTS)
+    for t in reversed(list(transforms)):
+        if isinstance(t, Resample): kw.update(step_size=t.step_size, nb_points=t.nb_points, compress=t.compress)
+        elif isinstance(t, Split): kw['split_ratio'] = t.ratio
+        elif isinstance(t, Reverse): kw['reverse_ratio'] = t.ratio
+        elif isinstance(t, Noise): kw.update(noise_gaussian_size=t.std_mm, noise_gaussian_max=t.max_mm)
+    return kw

@@ -5,16 +5,21 @@
 # %% ../nbs/06_sampler.ipynb 2
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import Sampler
 
-from .augment import add_noise, compress, resample_nb_points, resample_step_size, reverse_streamlines, split_streamlines
+from .augment import (AUGMENTATION_DEFAULTS, Noise, Resample, Reverse, Split, apply_transforms,
+                              augmentation_kwargs, default_transforms, nb_points_for_step, step_is_stored,
+                              transforms_from_params)
 from .core import ConfigError, PackedStreamlines
 from .distributed import rank_and_world_size
 from .interpolation import interpolate_with_neighborhood, neighborhood_offsets, trilinear_interpolation
@@ -22,8 +27,10 @@ from .interpolation import interpolate_with_neighborhood, neighborhood_offsets, 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'BATCH_SIZE_UNITS', 'NEIGHBORHOOD_TYPES', 'BatchPart', 'estimate_nb_points', 'streamline_costs',
-           'plan_epoch', 'shard_plan', 'StreamlineBatch', 'AbstractBatchSampler', 'BatchStreamlinesSamplerOneInput']
+__all__ = ['logger', 'BATCH_SIZE_UNITS', 'DWIMLBatchIDSampler', 'DWIMLAbstractBatchLoader', 'NEIGHBORHOOD_TYPES',
+           'DWIMLBatchLoaderOneInput', 'BatchPart', 'estimate_nb_points', 'streamline_costs', 'plan_epoch',
+           'shard_plan', 'StreamlineBatch', 'stored_resampling', 'BatchIDSampler', 'BatchLoader', 'BatchLoaderOneInput',
+           'AbstractBatchSampler', 'BatchStreamlinesSamplerOneInput']
 
 # %% ../nbs/06_sampler.ipynb
 class BatchPart(tuple):
@@ -67,7 +74,8 @@ class BatchPart(tuple):
 BATCH_SIZE_UNITS = ('nb_streamlines', 'nb_points', 'length_mm')
 
 
-def estimate_nb_points(lengths, euclidean_lengths, step_size=None, nb_points=None):
+def estimate_nb_points(lengths, euclidean_lengths, step_size=None, nb_points=None, *, stored_step_size=None,
+                       stored_compress=None):
     """Number of points each streamline will have after resampling (an upper bound).
 
     Parameters
@@ -80,6 +88,9 @@ def estimate_nb_points(lengths, euclidean_lengths, step_size=None, nb_points=Non
         Resampling step in mm.
     nb_points : int, optional
         Fixed number of points per streamline.
+    stored_step_size, stored_compress : float, optional
+        How the file was resampled (its root attributes): a `step_size` equal to the stored one
+        resamples nothing (`augment.step_is_stored`), so the estimate is the stored count.
 
     Returns
     -------
@@ -89,19 +100,18 @@ def estimate_nb_points(lengths, euclidean_lengths, step_size=None, nb_points=Non
     lengths = np.asarray(lengths, dtype=np.int64)
     if nb_points is not None:
         estimate = np.full(len(lengths), int(nb_points), dtype=np.int64)
-    elif step_size is not None:
-        ratio = np.asarray(euclidean_lengths, dtype=np.float64) / step_size
-        estimate = np.maximum(np.ceil(ratio * (1 + 1e-6) + 1e-6), 2).astype(np.int64)
+    elif step_size is not None and not step_is_stored(step_size, stored_step_size, stored_compress):
+        estimate = nb_points_for_step(euclidean_lengths, step_size, margin=1e-6)
     else:
         return lengths
     return np.where(lengths >= 2, estimate, lengths)
 
 
-def streamline_costs(info, units, step_size=None, nb_points=None):
-    "Cost of every streamline of a group (`StreamlineGroupInfo`) in `units`, as float64."
+def streamline_costs(info, units, step_size=None, nb_points=None, **stored):
+    "Cost of every streamline of a group (`StreamlineGroupInfo`) in `units`, as float64 (`stored`: see `estimate_nb_points`)."
     if units == 'nb_streamlines': return np.ones(len(info.lengths))
     if units == 'length_mm': return np.asarray(info.euclidean_lengths, dtype=np.float64)
-    return estimate_nb_points(info.lengths, info.euclidean_lengths, step_size, nb_points).astype(np.float64)
+    return estimate_nb_points(info.lengths, info.euclidean_lengths, step_size, nb_points, **stored).astype(np.float64)
 
 # %% ../nbs/06_sampler.ipynb
 def plan_epoch(costs, budget, rng, *, nb_subjects_per_batch=None, cycles=1, subject_weights=None,
@@ -271,6 +281,9 @@ class StreamlineBatch:
     step : int or None
         Its position in the plan this process runs (``step + 1`` is the ``next_batch`` to resume
         after it); equal to ``batch_index`` in a single process. None: use ``batch_index``.
+    augmentation : dict of str -> ndarray (N_streamlines, ...)
+        What the transforms did to each streamline (their records, see `augment.apply_transforms`:
+        ``'resampled'``, ``'split'``, ``'reversed'``, ``'noise_mm'``...), aligned with `streamlines`.
     """
     streamlines: PackedStreamlines
     subject_ids: np.ndarray
@@ -279,6 +292,7 @@ class StreamlineBatch:
     epoch: int
     batch_index: int
     step: int | None = None
+    augmentation: dict = field(default_factory=dict)
 
     def __len__(self): return len(self.streamlines)
 
@@ -305,8 +319,13 @@ class StreamlineBatch:
         return list(torch.split(self.inputs, self.streamlines.lengths.tolist()))
 
 # %% ../nbs/06_sampler.ipynb
-class AbstractBatchSampler(Sampler):
-    """Batches of streamlines of one subset, deterministic from (seed, epoch) and resumable.
+def stored_resampling(subset):
+    "``(step_size, compress)`` the subset's HDF5 file was built with (its root attributes); None when unknown."
+    return getattr(subset, 'step_size', None), getattr(subset, 'compress', None)
+
+
+class BatchIDSampler(Sampler):
+    """Plans the batches of one subset: which streamline ids, deterministic from (seed, epoch), resumable.
 
     Parameters
     ----------
@@ -328,15 +347,8 @@ class AbstractBatchSampler(Sampler):
     max_batches_per_epoch : int, optional
         Cut each epoch's plan after that many batches.
     seed : int
-    step_size, nb_points, compress : float, int, float; optional
-        At most one: resample to a step in mm, to a fixed number of points, or compress with a
-        tolerance in mm.
-    split_ratio, reverse_ratio : float
-        Probability, in [0, 1], for each streamline to be split in two / reversed.
-    noise_gaussian_size : float
-        Std in mm of the Gaussian noise added to every point (0: none).
-    noise_gaussian_max : float, optional
-        Clip of the noise along each axis, in mm (default 2 std).
+    step_size, nb_points : float, int; optional
+        The resampling the loader will do (at most one), for the point counts of the budget.
     rank, world_size : int, optional
         This process's share of the plan (default: from torch.distributed or torchrun's
         environment, else 0 of 1).
@@ -348,8 +360,7 @@ class AbstractBatchSampler(Sampler):
     """
     def __init__(self, subset, streamline_group, *, batch_size, batch_size_units='nb_streamlines',
                  nb_subjects_per_batch=None, cycles=1, subject_weights=None, max_batches_per_epoch=None,
-                 seed=1234, step_size=None, nb_points=None, compress=None, split_ratio=0., reverse_ratio=0.,
-                 noise_gaussian_size=0., noise_gaussian_max=None, rank=None, world_size=None):
+                 seed=1234, step_size=None, nb_points=None, rank=None, world_size=None):
         self.source_data = subset
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.streamline_group = _check_group(subset, streamline_group, 'streamlines')
@@ -364,211 +375,258 @@ class AbstractBatchSampler(Sampler):
         self.max_batches_per_epoch = _check_number(max_batches_per_epoch, 'max_batches_per_epoch', integer=True,
                                                    minimum=1, optional=True)
         self.seed = _check_number(seed, 'seed', integer=True, minimum=0)
-        resampling = {k: v for k, v in dict(step_size=step_size, nb_points=nb_points, compress=compress).items()
-                      if v is not None}
-        if len(resampling) > 1:
-            raise ConfigError(f'give at most one of step_size, nb_points and compress, got {resampling}')
+        if step_size is not None and nb_points is not None:
+            raise ConfigError(f'give at most one of step_size and nb_points, got {step_size!r} and {nb_points!r}')
         self.step_size = _check_number(step_size, 'step_size', minimum=0, strict=True, optional=True)
         self.nb_points = _check_number(nb_points, 'nb_points', integer=True, minimum=2, optional=True)
-        self.compress = _check_number(compress, 'compress', minimum=0, strict=True, optional=True)
-        self.split_ratio = _check_number(split_ratio, 'split_ratio', minimum=0, maximum=1)
-        self.reverse_ratio = _check_number(reverse_ratio, 'reverse_ratio', minimum=0, maximum=1)
-        self.noise_gaussian_size = _check_number(noise_gaussian_size, 'noise_gaussian_size', minimum=0)
-        self.noise_gaussian_max = _check_number(noise_gaussian_max, 'noise_gaussian_max', minimum=0, strict=True,
-                                                optional=True)
         self.subject_weights = self._check_weights(subject_weights)
         self._infos = [subset.get_streamline_info(s, streamline_group) for s in range(len(subset.subjects))]
-        self._costs = [streamline_costs(info, batch_size_units, self.step_size, self.nb_points) for info in self._infos]
-        self._points = [estimate_nb_points(i.lengths, i.euclidean_lengths, self.step_size, self.nb_points)
-                        for i in self._infos]
+        stored_step, stored_compress = stored_resampling(subset)
+        planned = dict(step_size=self.step_size, nb_points=self.nb_points, stored_step_size=stored_step,
+                       stored_compress=stored_compress)
+        self._costs = [streamline_costs(info, batch_size_units, **planned) for info in self._infos]
+        self._points = [estimate_nb_points(i.lengths, i.euclidean_lengths, **planned) for i in self._infos]
         self._check_budget_fits()
         self.epoch, self._next_batch, self._plan_cache, self._shard_cache = 0, 0, None, None
 
-    def _check_weights(self, weights):
-        if weights is None: return None
-        w = np.asarray(weights, dtype=np.float64).ravel()
-        nb_subjects = len(self.source_data.subjects)
-        if len(w) != nb_subjects or not np.all(np.isfinite(w)) or (w < 0).any() or not (w > 0).any():
-            raise ConfigError(f'subject_weights must be {nb_subjects} finite numbers >= 0, not all 0 (one per '
-                              f'subject of the {getattr(self.source_data, "set_name", "")} set), got {list(weights)}')
-        return w
+# %% ../nbs/06_sampler.ipynb
+@patch
+def _check_weights(self: BatchIDSampler, weights):
+    if weights is None: return None
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    nb_subjects = len(self.source_data.subjects)
+    if len(w) != nb_subjects or not np.all(np.isfinite(w)) or (w < 0).any() or not (w > 0).any():
+        raise ConfigError(f'subject_weights must be {nb_subjects} finite numbers >= 0, not all 0 (one per '
+                          f'subject of the {getattr(self.source_data, "set_name", "")} set), got {list(weights)}')
+    return w
 
-    def _check_budget_fits(self):
-        smallest = min((c.min() for c in self._costs if len(c)), default=None)
-        if smallest is None:
-            logger.warning('the %s set has no streamlines in group %s: every epoch is empty',
-                           getattr(self.source_data, 'set_name', ''), self.streamline_group)
-        elif self.batch_size < smallest:
-            raise ConfigError(f'batch_size {self.batch_size:g} {self.batch_size_units} is smaller than every '
-                              f'streamline (the shortest is {smallest:g} {self.batch_size_units}); check the units',
-                              group=self.streamline_group, **_where(self.source_data))
 
-    # --- the plan ----------------------------------------------------------------------------
-    def epoch_plan(self, epoch):
-        """The batches of `epoch`, in order: a list of lists of `BatchPart` (pure function of seed, epoch)."""
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch], spawn_key=(1,)))
-        raw = plan_epoch(self._costs, self.batch_size, rng, nb_subjects_per_batch=self.nb_subjects_per_batch,
-                         cycles=self.cycles, subject_weights=self.subject_weights,
-                         max_batches=self.max_batches_per_epoch)
-        plan = [[BatchPart(s, ids, epoch, b) for s, ids in batch] for b, batch in enumerate(raw)]
-        logger.debug('epoch %d of the %s set: %d batches', epoch, getattr(self.source_data, 'set_name', ''), len(plan))
-        self._plan_cache = (epoch, plan)
-        return plan
+@patch
+def _check_budget_fits(self: BatchIDSampler):
+    smallest = min((c.min() for c in self._costs if len(c)), default=None)
+    if smallest is None:
+        logger.warning('the %s set has no streamlines in group %s: every epoch is empty',
+                       getattr(self.source_data, 'set_name', ''), self.streamline_group)
+    elif self.batch_size < smallest:
+        raise ConfigError(f'batch_size {self.batch_size:g} {self.batch_size_units} is smaller than every '
+                          f'streamline (the shortest is {smallest:g} {self.batch_size_units}); check the units',
+                          group=self.streamline_group, **_where(self.source_data))
 
-    def rank_plan(self, epoch, rank=None):
-        """This rank's batches of `epoch` (`shard_plan` of `epoch_plan`); the global plan when ``world_size == 1``.
+# %% ../nbs/06_sampler.ipynb
+@patch
+def epoch_plan(self: BatchIDSampler, epoch):
+    "The batches of `epoch`, in order: a list of lists of `BatchPart` (pure function of seed, epoch)."
+    if self._plan_cache is not None and self._plan_cache[0] == epoch:
+        return self._plan_cache[1]
+    rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch], spawn_key=(1,)))
+    raw = plan_epoch(self._costs, self.batch_size, rng, nb_subjects_per_batch=self.nb_subjects_per_batch,
+                     cycles=self.cycles, subject_weights=self.subject_weights, max_batches=self.max_batches_per_epoch)
+    plan = [[BatchPart(s, ids, epoch, b) for s, ids in batch] for b, batch in enumerate(raw)]
+    logger.debug('epoch %d of the %s set: %d batches', epoch, getattr(self.source_data, 'set_name', ''), len(plan))
+    self._plan_cache = (epoch, plan)
+    return plan
 
-        Each `BatchPart` keeps its global ``batch_index`` and gets its ``step`` in this list.
-        """
-        rank = self.rank if rank is None else int(rank)
-        if self.world_size == 1:
-            return self.epoch_plan(epoch)
-        if self._shard_cache is None or self._shard_cache[0] != epoch:
-            plan = self.epoch_plan(epoch)
-            shards, dropped = shard_plan([[(p[0], p[1]) for p in batch] for batch in plan], self._points,
-                                         self.world_size)
-            if dropped:
-                logger.warning('epoch %d of the %s set: %d streamlines left out, fewer than the %d ranks',
-                               epoch, getattr(self.source_data, 'set_name', ''), dropped, self.world_size)
-            self._shard_cache = (epoch, [[[BatchPart(s, ids, epoch, b, step) for s, ids in batch]
-                                          for step, (b, batch) in enumerate(shard)] for shard in shards])
-        return self._shard_cache[1][rank]
 
-    def set_epoch(self, epoch):
-        "Use `epoch`'s plan from now on; the position goes back to 0 only if `epoch` is a new epoch."
-        epoch = _check_number(epoch, 'epoch', integer=True, minimum=0)
-        if epoch != self.epoch:
-            self.epoch, self._next_batch = epoch, 0
+@patch
+def rank_plan(self: BatchIDSampler, epoch, rank=None):
+    """This rank's batches of `epoch` (`shard_plan` of `epoch_plan`); the global plan when ``world_size == 1``.
 
-    def __len__(self):
-        "This rank's batches in the current epoch (after a resume at `next_batch`, `__iter__` yields the last ``len - next_batch``)."
-        return len(self.rank_plan(self.epoch))
+    Each `BatchPart` keeps its global ``batch_index`` and gets its ``step`` in this list.
+    """
+    rank = self.rank if rank is None else int(rank)
+    if self.world_size == 1:
+        return self.epoch_plan(epoch)
+    if self._shard_cache is None or self._shard_cache[0] != epoch:
+        plan = self.epoch_plan(epoch)
+        shards, dropped = shard_plan([[(p[0], p[1]) for p in batch] for batch in plan], self._points,
+                                     self.world_size)
+        if dropped:
+            logger.warning('epoch %d of the %s set: %d streamlines left out, fewer than the %d ranks',
+                           epoch, getattr(self.source_data, 'set_name', ''), dropped, self.world_size)
+        self._shard_cache = (epoch, [[[BatchPart(s, ids, epoch, b, step) for s, ids in batch]
+                                      for step, (b, batch) in enumerate(shard)] for shard in shards])
+    return self._shard_cache[1][rank]
 
-    def __iter__(self):
-        plan = self.rank_plan(self.epoch)
-        while self._next_batch < len(plan):
-            self._next_batch += 1
-            yield plan[self._next_batch - 1]
-        self._next_batch = 0
+# %% ../nbs/06_sampler.ipynb
+@patch
+def set_epoch(self: BatchIDSampler, epoch):
+    "Use `epoch`'s plan from now on; the position goes back to 0 only if `epoch` is a new epoch."
+    epoch = _check_number(epoch, 'epoch', integer=True, minimum=0)
+    if epoch != self.epoch:
+        self.epoch, self._next_batch = epoch, 0
 
-    def state_dict(self, next_batch=None):
-        """Where the sampler is: ``{'seed', 'epoch', 'next_batch', 'nb_batches', 'world_size'}``.
 
-        `next_batch` defaults to the sampler's own position (batches of this rank handed out so
-        far); pass ``last_trained_batch.step + 1`` when a DataLoader prefetches ahead.
-        """
-        return {'seed': self.seed, 'epoch': self.epoch,
-                'next_batch': self._next_batch if next_batch is None else int(next_batch),
-                'nb_batches': len(self.rank_plan(self.epoch)), 'world_size': self.world_size}
+@patch
+def __len__(self: BatchIDSampler):
+    "This rank's batches in the current epoch (after a resume at `next_batch`, `__iter__` yields the last ``len - next_batch``)."
+    return len(self.rank_plan(self.epoch))
 
-    def load_state_dict(self, state):
-        "Continue at batch ``state['next_batch']`` of epoch ``state['epoch']``; the seed must match."
-        if int(state['seed']) != self.seed:
-            raise ConfigError(f"the saved sampler state has seed {state['seed']} but this sampler has seed "
-                              f'{self.seed}: its batches would differ')
-        if int(state.get('world_size', 1)) != self.world_size:
-            raise ConfigError(f"the saved sampler state was made by {state.get('world_size', 1)} processes, this "
-                              f'sampler runs in {self.world_size}: its positions would name other batches '
-                              '(resume with the same number of processes, or from the start of an epoch)')
-        self.epoch, self._next_batch = int(state['epoch']), int(state['next_batch'])
-        nb_batches = len(self.rank_plan(self.epoch))
-        if 'nb_batches' in state and int(state['nb_batches']) != nb_batches:
-            raise ConfigError(f"the saved sampler state had {state['nb_batches']} batches in epoch {self.epoch}, "
-                              f'this sampler plans {nb_batches}: the data or the batch settings changed')
-        if not 0 <= self._next_batch <= nb_batches:
-            raise ConfigError(f'next_batch {self._next_batch} is outside epoch {self.epoch} '
-                              f'({nb_batches} batches)')
 
-    def __getstate__(self):
-        # Workers get a pickled copy: the plan is the main process's business.
-        return {**self.__dict__, '_plan_cache': None, '_shard_cache': None}
+@patch
+def __iter__(self: BatchIDSampler):
+    plan = self.rank_plan(self.epoch)
+    while self._next_batch < len(plan):
+        self._next_batch += 1
+        yield plan[self._next_batch - 1]
+    self._next_batch = 0
 
-    _PARAMS = ('streamline_group', 'batch_size', 'batch_size_units', 'nb_subjects_per_batch', 'cycles',
-               'subject_weights', 'max_batches_per_epoch', 'seed', 'step_size', 'nb_points', 'compress',
-               'split_ratio', 'reverse_ratio', 'noise_gaussian_size', 'noise_gaussian_max')
+
+@patch
+def state_dict(self: BatchIDSampler, next_batch=None):
+    """Where the sampler is: ``{'seed', 'epoch', 'next_batch', 'nb_batches', 'world_size'}``.
+
+    `next_batch` defaults to the sampler's own position (batches of this rank handed out so
+    far); pass ``last_trained_batch.step + 1`` when a DataLoader prefetches ahead.
+    """
+    return {'seed': self.seed, 'epoch': self.epoch,
+            'next_batch': self._next_batch if next_batch is None else int(next_batch),
+            'nb_batches': len(self.rank_plan(self.epoch)), 'world_size': self.world_size}
+
+
+@patch
+def load_state_dict(self: BatchIDSampler, state):
+    "Continue at batch ``state['next_batch']`` of epoch ``state['epoch']``; the seed must match."
+    if int(state['seed']) != self.seed:
+        raise ConfigError(f"the saved sampler state has seed {state['seed']} but this sampler has seed "
+                          f'{self.seed}: its batches would differ')
+    if int(state.get('world_size', 1)) != self.world_size:
+        raise ConfigError(f"the saved sampler state was made by {state.get('world_size', 1)} processes, this "
+                          f'sampler runs in {self.world_size}: its positions would name other batches '
+                          '(resume with the same number of processes, or from the start of an epoch)')
+    self.epoch, self._next_batch = int(state['epoch']), int(state['next_batch'])
+    nb_batches = len(self.rank_plan(self.epoch))
+    if 'nb_batches' in state and int(state['nb_batches']) != nb_batches:
+        raise ConfigError(f"the saved sampler state had {state['nb_batches']} batches in epoch {self.epoch}, "
+                          f'this sampler plans {nb_batches}: the data or the batch settings changed')
+    if not 0 <= self._next_batch <= nb_batches:
+        raise ConfigError(f'next_batch {self._next_batch} is outside epoch {self.epoch} '
+                          f'({nb_batches} batches)')
+
+
+@patch
+def __getstate__(self: BatchIDSampler):
+    # A pickled copy (a spawned worker's) recomputes the plan when it needs it.
+    return {**self.__dict__, '_plan_cache': None, '_shard_cache': None}
+
+
+BatchIDSampler._PARAMS = ('streamline_group', 'batch_size', 'batch_size_units', 'nb_subjects_per_batch', 'cycles',
+                          'subject_weights', 'max_batches_per_epoch', 'seed', 'step_size', 'nb_points')
+
+
+@patch
+def get_params(self: BatchIDSampler):
+    "The constructor's arguments except the subset, as plain Python (to log, save, and rebuild the planner)."
+    params = {name: getattr(self, name) for name in self._PARAMS}
+    if params['subject_weights'] is not None: params['subject_weights'] = params['subject_weights'].tolist()
+    return params
+
+DWIMLBatchIDSampler = BatchIDSampler   # dwi_ml's name
+
+# %% ../nbs/06_sampler.ipynb
+class BatchLoader:
+    """Reads, resamples and augments the batches a `BatchIDSampler` plans (a `contracts.BatchLoader`).
+
+    Parameters
+    ----------
+    subset : MultiSubjectSubset
+    streamline_group : str
+        A streamline group of the subset.
+    seed : int
+        With the batch's epoch and index, seeds the batch's generator.
+    transforms : list of `augment.Transform` (or of their `get_params()` dicts)
+        Run in order on each subject's streamlines. At most one `Resample`, first.
+    """
+    def __init__(self, subset, streamline_group, *, seed=1234, transforms=()):
+        self.source_data = subset
+        self.streamline_group = _check_group(subset, streamline_group, 'streamlines')
+        self.seed = _check_number(seed, 'seed', integer=True, minimum=0)
+        self._infos = [subset.get_streamline_info(s, streamline_group) for s in range(len(subset.subjects))]
+        self._set_transforms(transforms)
+
+    def _set_transforms(self, transforms):
+        transforms = transforms_from_params(transforms)
+        for t in transforms:
+            if not callable(t) or not callable(getattr(t, 'get_params', None)):
+                raise ConfigError(f'{t!r} is not a transform: it needs __call__(streams, rng, vox_to_mm) and '
+                                  'get_params() (subclass augment.Transform)')
+        if [i for i, t in enumerate(transforms) if isinstance(t, Resample)] not in ([], [0]):
+            raise ConfigError(f'Resample must come first in the transforms, and only once (the point budget counts '
+                              f'the points of one resampling of the stored streamlines), got {transforms}')
+        self.transforms = transforms
+        stored = stored_resampling(self.source_data)
+        self._applied = [t.knowing_stored(*stored) if isinstance(t, Resample) else t for t in transforms]
+
+    def with_transforms(self, transforms):
+        "A copy of this loader that runs `transforms` (this one is left as it is)."
+        new = copy.copy(self)
+        new._set_transforms(transforms)
+        return new
 
     def get_params(self):
-        "The constructor's arguments except the subset, as plain Python (to log, save, and rebuild the sampler)."
-        params = {name: getattr(self, name) for name in self._PARAMS}
-        if params['subject_weights'] is not None: params['subject_weights'] = params['subject_weights'].tolist()
-        return params
+        "The constructor's arguments except the subset, as plain Python."
+        return {'streamline_group': self.streamline_group, 'seed': self.seed,
+                'transforms': [t.get_params() for t in self.transforms]}
 
-    # --- loading -----------------------------------------------------------------------------
-    def load_batch(self, parts):
+    def load_batch(self, parts, *, epoch=0):
         """Read, resample and augment the streamlines of one batch (the DataLoader's collate_fn).
 
         Parameters
         ----------
         parts : list of BatchPart
             One batch of the plan.
+        epoch : int
+            Only for an empty batch (no part to read the epoch from).
 
         Returns
         -------
         StreamlineBatch
         """
         parts = list(parts)
-        epoch, batch_index = (parts[0].epoch, parts[0].batch_index) if parts else (self.epoch, -1)
-        step = parts[0].step if parts else None
+        epoch, batch_index = (parts[0].epoch, parts[0].batch_index) if parts else (epoch, -1)
         rng = np.random.default_rng([self.seed, epoch, batch_index])
-        packs, subject_ids, streamline_ids, inputs = [], [], [], []
-        for subject, ids in parts:
-            streams, source = self._load_streamlines(subject, ids, rng)
-            packs.append(streams)
-            subject_ids.append(np.full(len(streams), subject, dtype=np.int64))
-            streamline_ids.append(np.asarray(ids, dtype=np.int64)[source])
-            inputs.append(self._load_inputs(subject, streams))
-        streamlines = PackedStreamlines.concatenate(packs)
+        loaded = [self._load_streamlines(subject, ids, rng) for subject, ids in parts]
+        streamlines = PackedStreamlines.concatenate([streams for streams, _, _ in loaded])
         streamlines.data = np.ascontiguousarray(streamlines.data, dtype=np.float32)
-        return StreamlineBatch(streamlines, _cat(subject_ids), _cat(streamline_ids),
-                               _cat_inputs(inputs), epoch, batch_index, step)
+        subject_ids = _cat([np.full(len(streams), s, dtype=np.int64) for (s, _), (streams, _, _) in zip(parts, loaded)])
+        streamline_ids = _cat([np.asarray(ids, dtype=np.int64)[source] for (_, ids), (_, source, _) in zip(parts, loaded)])
+        records = [record for _, _, record in loaded]
+        augmentation = {k: np.concatenate([r[k] for r in records]) for k in records[0]} if records else {}
+        batch = StreamlineBatch(streamlines, subject_ids, streamline_ids, None, epoch, batch_index,
+                                parts[0].step if parts else None, augmentation)
+        return self._fill_inputs(batch) if parts and self._inputs_in_load_batch() else batch
 
     def _load_streamlines(self, subject, ids, rng):
-        "One subject's part: one read, then resampling and augmentation, all vectorized."
+        "One subject's part: one read, then the transforms, all vectorized."
         streams = self.source_data.get_streamlines(subject, self.streamline_group, ids)
         vox_to_mm = np.asarray(self._infos[subject].affine, dtype=np.float64)[:3, :3]
-        if self.step_size is not None:
-            streams = resample_step_size(streams, self.step_size, vox_to_mm)
-        elif self.nb_points is not None:
-            streams = resample_nb_points(streams, self.nb_points)
-        elif self.compress is not None:
-            streams = compress(streams, self.compress, vox_to_mm)
-        source = np.arange(len(streams), dtype=np.int64)
-        if self.split_ratio > 0:
-            streams, source = split_streamlines(streams, self.split_ratio, rng)
-        if self.reverse_ratio > 0:
-            streams, _ = reverse_streamlines(streams, self.reverse_ratio, rng)
-        if self.noise_gaussian_size > 0:
-            streams = add_noise(streams, self.noise_gaussian_size, rng, vox_to_mm, self.noise_gaussian_max)
+        streams, source, record = apply_transforms(self._applied, streams, rng, vox_to_mm)
         if not streams.is_contiguous():  # inputs are interpolated at `data` as is: no gaps allowed
             streams = streams.select(np.arange(len(streams)))
-        return streams, source
+        return streams, source, record
 
-    def _load_inputs(self, subject, streams):
-        "Features under the points of one subject's part (None: this sampler has no inputs)."
-        return None
+    def _inputs_in_load_batch(self): return False   # this loader has no inputs
+
+    def add_inputs(self, batch):
+        "`batch` itself: this loader has no inputs to add."
+        return batch
 
 
 def _cat(arrays):
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
-
-def _cat_inputs(tensors):
-    if not tensors or tensors[0] is None: return None
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # a 50k×45 copy costs more than the rest
+DWIMLAbstractBatchLoader = BatchLoader   # dwi_ml's name
 
 # %% ../nbs/06_sampler.ipynb
 NEIGHBORHOOD_TYPES = (None, 'axes', 'grid')
 
 
-class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
-    """An `AbstractBatchSampler` whose batches also hold the features of ``input_group`` under every point.
+class BatchLoaderOneInput(BatchLoader):
+    """A `BatchLoader` whose batches also hold the features of ``input_group`` under every point.
 
     Parameters
     ----------
-    subset, streamline_group
-        As `AbstractBatchSampler`.
+    subset, streamline_group, seed, transforms
+        As `BatchLoader`.
     input_group : str
         A volume group of the subset.
     neighborhood_type : {None, 'axes', 'grid'}
@@ -586,18 +644,16 @@ class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
         and `add_inputs` interpolates in the main process (`DWIMLAbstractTrainer` calls it on every
         batch). Workers then send only the points through shared memory, a few hundred KB instead of
         N × F·K floats, and the interpolation can run on the GPU (``device='cuda'``).
-    **kwargs
-        The other arguments of `AbstractBatchSampler`.
 
     Notes
     -----
     ``inputs`` of a batch has ``nb_features[input_group] × K`` columns, neighbour k's features
     in columns ``k*F:(k+1)*F``, neighbour 0 being the point itself.
     """
-    def __init__(self, subset, streamline_group, input_group, *, neighborhood_type=None, neighborhood_radius=0,
-                 neighborhood_resolution=1.0, neighborhood_units='vox', device='cpu', inputs_in_workers=True,
-                 **kwargs):
-        super().__init__(subset, streamline_group, **kwargs)
+    def __init__(self, subset, streamline_group, input_group, *, seed=1234, transforms=(), neighborhood_type=None,
+                 neighborhood_radius=0, neighborhood_resolution=1.0, neighborhood_units='vox', device='cpu',
+                 inputs_in_workers=True):
+        super().__init__(subset, streamline_group, seed=seed, transforms=transforms)
         self.inputs_in_workers = bool(inputs_in_workers)
         self.input_group = _check_group(subset, input_group, 'volume')
         if neighborhood_type not in NEIGHBORHOOD_TYPES:
@@ -635,56 +691,264 @@ class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
                               group=self.input_group, **_where(self.source_data))
         return offsets
 
-    _PARAMS = AbstractBatchSampler._PARAMS + ('input_group', 'neighborhood_type', 'neighborhood_radius',
-                                              'neighborhood_resolution', 'neighborhood_units', 'inputs_in_workers')
+    _PARAMS = ('input_group', 'neighborhood_type', 'neighborhood_radius', 'neighborhood_resolution',
+               'neighborhood_units', 'inputs_in_workers')
 
     def get_params(self):
-        return {**super().get_params(), 'device': str(self.device)}
+        return {**super().get_params(), **{n: getattr(self, n) for n in self._PARAMS}, 'device': str(self.device)}
 
     def __getstate__(self):
-        return {**super().__getstate__(), '_device_volumes': {}}
-
-    def _volume(self, subject):
-        "The subject's input volume on `device`; a GPU copy is kept for the last two subjects, not re-sent per batch."
-        if self.device.type == 'cpu':
-            return self.source_data.get_volume(subject, self.input_group)
-        if torch.utils.data.get_worker_info() is not None:
-            raise ConfigError(f'interpolation on {self.device} cannot run in DataLoader workers: use num_workers=0 '
-                              "or device='cpu'")
-        if subject not in self._device_volumes:
-            while len(self._device_volumes) >= 2:
-                self._device_volumes.pop(next(iter(self._device_volumes)))
-            self._device_volumes[subject] = self.source_data.get_volume(subject, self.input_group).to(self.device)
-        return self._device_volumes[subject]
+        return {**self.__dict__, '_device_volumes': {}}
 
     @property
     def nb_inputs(self):
         "Columns of a batch's ``inputs``: features × neighbours."
         return self.source_data.nb_features[self.input_group] * len(self._offsets[0]) if self._offsets else 0
 
-    def _load_inputs(self, subject, streams):
-        if not self.inputs_in_workers and torch.utils.data.get_worker_info() is not None:
-            return None   # left to add_inputs, in the main process
-        return self._interpolate(subject, streams.data)
+DWIMLBatchLoaderOneInput = BatchLoaderOneInput   # dwi_ml's name
 
-    def _interpolate(self, subject, points):
-        volume = self._volume(subject)
-        coords = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(self.device)
-        if self.neighborhood_type is None:
-            return trilinear_interpolation(volume, coords)
-        return interpolate_with_neighborhood(volume, coords, self._offsets[subject])
+# %% ../nbs/06_sampler.ipynb
+def _takes_out(function):
+    try:
+        return 'out' in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
-    def add_inputs(self, batch):
-        """The batch with its ``inputs``, interpolated here if a worker left them out (else `batch` itself).
+_INTERPOLATION_TAKES_OUT = _takes_out(trilinear_interpolation) and _takes_out(interpolate_with_neighborhood)
 
-        Streamlines of one subject follow each other in a batch (one part per subject), so each
-        run of equal ``subject_ids`` is interpolated at once in its subject's volume.
-        """
-        if batch.inputs is not None:
-            return batch
-        point_ends = np.concatenate([[0], np.cumsum(batch.streamlines.lengths)])
-        runs = np.flatnonzero(np.diff(batch.subject_ids)) + 1
-        first, last = np.concatenate([[0], runs]), np.concatenate([runs, [len(batch)]])
-        inputs = [self._interpolate(int(batch.subject_ids[a]), batch.streamlines.data[point_ends[a]:point_ends[b]])
-                  for a, b in zip(first, last)]
-        return replace(batch, inputs=_cat_inputs(inputs))
+
+@patch
+def _volume(self: BatchLoaderOneInput, subject):
+    "The subject's input volume on `device`; a GPU copy is kept for the last two subjects, not re-sent per batch."
+    if self.device.type == 'cpu':
+        return self.source_data.get_volume(subject, self.input_group)
+    if torch.utils.data.get_worker_info() is not None:
+        raise ConfigError(f'interpolation on {self.device} cannot run in DataLoader workers: use num_workers=0 '
+                          "or device='cpu'")
+    if subject not in self._device_volumes:
+        while len(self._device_volumes) >= 2:
+            self._device_volumes.pop(next(iter(self._device_volumes)))
+        self._device_volumes[subject] = self.source_data.get_volume(subject, self.input_group).to(self.device)
+    return self._device_volumes[subject]
+
+
+@patch
+def _interpolate(self: BatchLoaderOneInput, subject, points, out=None):
+    "Features under `points` in `subject`'s volume, written into `out` (rows × K·F) when given."
+    volume = self._volume(subject)
+    coords = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(self.device)
+    if self.neighborhood_type is None:
+        interpolate, args = trilinear_interpolation, (volume, coords)
+    else:
+        interpolate, args = interpolate_with_neighborhood, (volume, coords, self._offsets[subject])
+    if out is None:
+        return interpolate(*args)
+    if _INTERPOLATION_TAKES_OUT:
+        return interpolate(*args, out=out)
+    return out.copy_(interpolate(*args))
+
+
+@patch
+def _fill_inputs(self: BatchLoaderOneInput, batch):
+    "`batch` with its inputs: each run of one subject's streamlines interpolated into its rows of one tensor."
+    if len(batch) == 0:
+        return replace(batch, inputs=torch.zeros((0, self.nb_inputs), dtype=torch.float32, device=self.device))
+    ends = np.concatenate([[0], np.cumsum(batch.streamlines.lengths)])
+    runs = np.flatnonzero(np.diff(batch.subject_ids)) + 1
+    first, last = np.concatenate([[0], runs]), np.concatenate([runs, [len(batch)]])
+    if len(first) == 1:
+        return replace(batch, inputs=self._interpolate(int(batch.subject_ids[0]), batch.streamlines.data))
+    inputs = torch.empty((batch.nb_points, self.nb_inputs), dtype=torch.float32, device=self.device)
+    for a, b in zip(first, last):
+        rows = slice(int(ends[a]), int(ends[b]))
+        self._interpolate(int(batch.subject_ids[a]), batch.streamlines.data[rows], out=inputs[rows])
+    return replace(batch, inputs=inputs)
+
+
+@patch
+def _inputs_in_load_batch(self: BatchLoaderOneInput):
+    return self.inputs_in_workers or torch.utils.data.get_worker_info() is None   # else left to add_inputs
+
+
+@patch
+def add_inputs(self: BatchLoaderOneInput, batch):
+    """The batch with its ``inputs``, interpolated here if a worker left them out (else `batch` itself).
+
+    Streamlines of one subject follow each other in a batch (one part per subject), so each
+    run of equal ``subject_ids`` is interpolated at once in its subject's volume.
+    """
+    return batch if batch.inputs is not None else self._fill_inputs(batch)
+
+# %% ../nbs/06_sampler.ipynb
+def _sampler_transforms(transforms, **kw):
+    "The transforms a sampler runs: from `transforms=` or from the historical arguments `kw` (checked as they always were)."
+    resampling = {k: kw[k] for k in ('step_size', 'nb_points', 'compress') if kw[k] is not None}
+    if len(resampling) > 1:
+        raise ConfigError(f'give at most one of step_size, nb_points and compress, got {resampling}')
+    kw = dict(step_size=_check_number(kw['step_size'], 'step_size', minimum=0, strict=True, optional=True),
+              nb_points=_check_number(kw['nb_points'], 'nb_points', integer=True, minimum=2, optional=True),
+              compress=_check_number(kw['compress'], 'compress', minimum=0, strict=True, optional=True),
+              split_ratio=_check_number(kw['split_ratio'], 'split_ratio', minimum=0, maximum=1),
+              reverse_ratio=_check_number(kw['reverse_ratio'], 'reverse_ratio', minimum=0, maximum=1),
+              noise_gaussian_size=_check_number(kw['noise_gaussian_size'], 'noise_gaussian_size', minimum=0),
+              noise_gaussian_max=_check_number(kw['noise_gaussian_max'], 'noise_gaussian_max', minimum=0,
+                                               strict=True, optional=True))
+    if transforms is None:
+        return default_transforms(**kw)
+    transforms = transforms_from_params(transforms)
+    said = augmentation_kwargs(transforms)
+    both = sorted(k for k, v in kw.items() if v != AUGMENTATION_DEFAULTS[k] and v != said[k])
+    if both:
+        raise ConfigError(f'give the augmentation either as transforms= or as {", ".join(both)}, not both: '
+                          f'transforms={transforms!r} say {({k: said[k] for k in both})}')
+    return transforms
+
+
+def _with_augmentation(transforms, **changes):
+    "`transforms` with historical arguments changed: that kind's transform replaced in place, dropped, or added."
+    wanted = {type(t): t for t in default_transforms(**{**augmentation_kwargs(transforms), **changes})}
+    kinds = (Resample, Split, Reverse, Noise)
+    kept = [wanted.pop(type(t)) if type(t) in kinds else t for t in transforms if type(t) not in kinds or type(t) in wanted]
+    added = list(wanted.values())
+    return [t for t in added if isinstance(t, Resample)] + kept + [t for t in added if not isinstance(t, Resample)]
+
+# %% ../nbs/06_sampler.ipynb
+class AbstractBatchSampler(Sampler):
+    """Batches of streamlines of one subset, deterministic from (seed, epoch) and resumable.
+
+    A `BatchIDSampler` (``.planner``) and a `BatchLoader` (``.loader``) behind dwi_ml's arguments.
+
+    Parameters
+    ----------
+    subset, streamline_group, batch_size, batch_size_units, nb_subjects_per_batch, cycles,
+    subject_weights, max_batches_per_epoch, seed, rank, world_size
+        As `BatchIDSampler`.
+    step_size, nb_points, compress : float, int, float; optional
+        At most one: resample to a step in mm, to a fixed number of points, or compress with a
+        tolerance in mm (`augment.Resample`; a step equal to the file's own is not redone).
+    split_ratio, reverse_ratio : float
+        Probability, in [0, 1], for each streamline to be split in two / reversed.
+    noise_gaussian_size : float
+        Std in mm of the Gaussian noise added to every point (0: none).
+    noise_gaussian_max : float, optional
+        Clip of the noise along each axis, in mm (default 2 std).
+    transforms : list of `augment.Transform` or of their `get_params()` dicts, optional
+        The augmentation as a list, instead of the arguments above (see above).
+
+    Raises
+    ------
+    ConfigError
+        At construction, for any argument that makes no sense (naming it and the group).
+    """
+    def __init__(self, subset, streamline_group, *, batch_size, batch_size_units='nb_streamlines',
+                 nb_subjects_per_batch=None, cycles=1, subject_weights=None, max_batches_per_epoch=None,
+                 seed=1234, step_size=None, nb_points=None, compress=None, split_ratio=0., reverse_ratio=0.,
+                 noise_gaussian_size=0., noise_gaussian_max=None, rank=None, world_size=None, transforms=None):
+        transforms = _sampler_transforms(transforms, step_size=step_size, nb_points=nb_points, compress=compress,
+                                         split_ratio=split_ratio, reverse_ratio=reverse_ratio,
+                                         noise_gaussian_size=noise_gaussian_size, noise_gaussian_max=noise_gaussian_max)
+        resampling = augmentation_kwargs(transforms)
+        self.planner = BatchIDSampler(
+            subset, streamline_group, batch_size=batch_size, batch_size_units=batch_size_units,
+            nb_subjects_per_batch=nb_subjects_per_batch, cycles=cycles, subject_weights=subject_weights,
+            max_batches_per_epoch=max_batches_per_epoch, seed=seed, step_size=resampling['step_size'],
+            nb_points=resampling['nb_points'], rank=rank, world_size=world_size)
+        self.loader = self._make_loader(subset, streamline_group, seed=self.planner.seed, transforms=transforms)
+
+    def _make_loader(self, subset, streamline_group, **kw): return BatchLoader(subset, streamline_group, **kw)
+
+    # The planner's job
+    def epoch_plan(self, epoch): return self.planner.epoch_plan(epoch)
+    def rank_plan(self, epoch, rank=None): return self.planner.rank_plan(epoch, rank)
+    def set_epoch(self, epoch): self.planner.set_epoch(epoch)
+    def __len__(self): return len(self.planner)
+    def __iter__(self): return iter(self.planner)
+    def state_dict(self, next_batch=None): return self.planner.state_dict(next_batch)
+    def load_state_dict(self, state): self.planner.load_state_dict(state)
+
+    # The loader's job
+    def load_batch(self, parts):
+        "`BatchLoader.load_batch` (the DataLoader's collate_fn)."
+        return self.loader.load_batch(parts, epoch=self.planner.epoch)
+
+    def add_inputs(self, batch): return self.loader.add_inputs(batch)
+
+    def with_transforms(self, transforms):
+        "A shallow copy of this sampler (same plan) whose loader runs `transforms`."
+        new = copy.copy(self)
+        new.loader = self.loader.with_transforms(transforms)
+        return new
+
+    _PARAMS = BatchIDSampler._PARAMS[:-2] + tuple(AUGMENTATION_DEFAULTS)
+
+    def get_params(self):
+        "The constructor's arguments except the subset, as plain Python (to log, save, and rebuild the sampler)."
+        params = {**self.loader.get_params(), **self.planner.get_params(), **augmentation_kwargs(self.transforms)}
+        return {**{name: params[name] for name in self._PARAMS}, 'transforms': params['transforms']}
+
+# %% ../nbs/06_sampler.ipynb
+def _planner_attribute(name):
+    def get(self): return getattr(self.planner, name)
+    def set_(self, value): setattr(self.planner, name, value)
+    return property(get, set_, doc=f'``planner.{name}``')
+
+
+def _loader_attribute(name):
+    def get(self): return getattr(self.loader, name)
+    def set_(self, value):
+        self.loader = copy.copy(self.loader)
+        setattr(self.loader, name, value)
+    return property(get, set_, doc=f'``loader.{name}`` (set: in a copy of the loader)')
+
+
+def _augmentation_attribute(name):
+    def get(self): return augmentation_kwargs(self.transforms)[name]
+    def set_(self, value): self.transforms = _with_augmentation(self.transforms, **{name: value})
+    return property(get, set_, doc=f'``{name}`` of the transforms (`augment.augmentation_kwargs`)')
+
+
+for _name in ('source_data', 'rank', 'world_size', 'streamline_group', 'batch_size', 'batch_size_units',
+              'nb_subjects_per_batch', 'cycles', 'subject_weights', 'max_batches_per_epoch', 'seed', 'epoch',
+              '_infos', '_costs', '_points', '_plan_cache', '_shard_cache', '_next_batch'):
+    setattr(AbstractBatchSampler, _name, _planner_attribute(_name))
+for _name in AUGMENTATION_DEFAULTS:
+    setattr(AbstractBatchSampler, _name, _augmentation_attribute(_name))
+AbstractBatchSampler.transforms = property(
+    lambda self: self.loader.transforms,
+    lambda self, transforms: setattr(self, 'loader', self.loader.with_transforms(transforms)),
+    doc='The loader\'s transforms (set: in a copy of the loader)')
+
+# %% ../nbs/06_sampler.ipynb
+class BatchStreamlinesSamplerOneInput(AbstractBatchSampler):
+    """An `AbstractBatchSampler` whose batches also hold the features of ``input_group`` under every point.
+
+    Parameters
+    ----------
+    subset, streamline_group
+        As `AbstractBatchSampler`.
+    input_group, neighborhood_type, neighborhood_radius, neighborhood_resolution, neighborhood_units, device, inputs_in_workers
+        As `BatchLoaderOneInput`.
+    **kwargs
+        The other arguments of `AbstractBatchSampler`.
+    """
+    def __init__(self, subset, streamline_group, input_group, *, neighborhood_type=None, neighborhood_radius=0,
+                 neighborhood_resolution=1.0, neighborhood_units='vox', device='cpu', inputs_in_workers=True,
+                 **kwargs):
+        self._input_kwargs = dict(input_group=input_group, neighborhood_type=neighborhood_type,
+                                  neighborhood_radius=neighborhood_radius, neighborhood_units=neighborhood_units,
+                                  neighborhood_resolution=neighborhood_resolution, device=device,
+                                  inputs_in_workers=inputs_in_workers)
+        super().__init__(subset, streamline_group, **kwargs)
+
+    def _make_loader(self, subset, streamline_group, **kw):
+        return BatchLoaderOneInput(subset, streamline_group, **self.__dict__.pop('_input_kwargs'), **kw)
+
+    _PARAMS = AbstractBatchSampler._PARAMS + BatchLoaderOneInput._PARAMS
+
+    def get_params(self):
+        return {**super().get_params(), 'device': str(self.device)}
+
+
+for _name in BatchLoaderOneInput._PARAMS + ('device', 'nb_inputs', '_offsets', '_device_volumes', '_volume',
+                                            '_interpolate'):
+    setattr(BatchStreamlinesSamplerOneInput, _name, _loader_attribute(_name))
