@@ -485,6 +485,31 @@ class PackedStreamlines:
         "True when streamlines follow each other in `data` with no gap or reordering."
         return len(self.data) == self.nb_points and bool(np.array_equal(self.offsets, offsets_from_lengths(self.lengths)))
 
+    @classmethod
+    def from_array_sequence(cls, seq):
+        """The streamlines of a nibabel `ArraySequence` (``tractogram.streamlines``), sharing its arrays.
+
+        No point is copied: `data` is the sequence's buffer and a sliced sequence (a view) keeps
+        its offsets, which `PackedStreamlines` allows as well. Raises `DataError` when its
+        points are not 3-D.
+        """
+        data = np.asarray(seq._data)
+        if data.size == 0 and data.ndim < 2:   # nibabel's empty sequence has a 1-D empty buffer
+            data = np.zeros((0, 3), data.dtype if data.dtype.kind == 'f' else np.float32)
+        if data.ndim != 2 or data.shape[1] != 3:
+            raise DataError(f'streamline points must be 3-D, got points of shape {data.shape[1:]}')
+        as_int64 = lambda a: np.asarray(a).astype(np.int64, copy=False)
+        return cls(data, as_int64(seq._offsets), as_int64(seq._lengths))
+
+    def to_array_sequence(self):
+        "The same streamlines as a nibabel `ArraySequence` (for `Tractogram`, `StatefulTractogram`), sharing `data`."
+        from nibabel.streamlines.array_sequence import ArraySequence
+        seq = ArraySequence()
+        # nibabel's own views are built this way; it copies `data` before any append (it does not own it)
+        seq._data, seq._offsets, seq._lengths = self.data, self.offsets, self.lengths
+        seq._is_view = True
+        return seq
+
 
 def offsets_from_lengths(lengths):
     "Offsets of streamlines stored back to back: 0, l0, l0+l1, ..."

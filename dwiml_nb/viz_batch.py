@@ -5,10 +5,10 @@
 # %% ../nbs/09_viz_batch.ipynb 2
 from __future__ import annotations
 
-import argparse
 import atexit
 import base64
-import copy
+import functools
+import html
 import io
 import itertools
 import logging
@@ -32,33 +32,41 @@ from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_COLORS', 'STAGES', 'COLOR_MODES', 'SLICE_AXES',
-           'DIRECTION_KEY', 'STAGE_TEXT', 'DRAWINGS', 'ORIENTATION_LABELS', 'LIVE_CHOICES', 'STAGE_OPTIONS',
-           'ALL_SUBJECTS', 'hsv_to_rgb', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
-           'colors_by_direction', 'colormap', 'feature_range', 'colors_by_feature', 'augmentation_labels',
-           'sampler_variant', 'batch_parts', 'voxel_to_world', 'world_to_voxel_index', 'densest_slice', 'Legend',
-           'legend_html', 'BatchView', 'make_batch_view', 'RenderingUnavailable', 'ensure_runtime_dir',
-           'check_rendering', 'view_direction', 'slice_plane', 'orientation_positions', 'render_view', 'png_bytes',
-           'save_png', 'annotate', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas',
-           'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'visualize_batch_main']
+__all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_COLORS', 'NO_RECORD', 'STAGES', 'COLOR_MODES',
+           'SLICE_AXES', 'DIRECTION_KEY', 'STAGE_TEXT', 'DRAWINGS', 'ORIENTATION_LABELS', 'LIVE_CHOICES',
+           'STAGE_OPTIONS', 'ALL_SUBJECTS', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
+           'colors_by_direction', 'colormap', 'feature_range', 'colors_by_feature', 'augmentation_record',
+           'augmentation_codes', 'sampler_variant', 'batch_parts', 'voxel_to_world', 'world_to_voxel_index',
+           'densest_slice', 'Legend', 'legend_html', 'BatchView', 'make_batch_view', 'RenderingUnavailable',
+           'ensure_runtime_dir', 'check_rendering', 'view_direction', 'slice_plane', 'orientation_positions',
+           'render_view', 'png_bytes', 'save_png', 'annotate', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy',
+           'LiveCanvas', 'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
-def hsv_to_rgb(hsv):
-    "Vectorized HSV -> RGB, all in [0, 1], shape (..., 3)."
-    hsv = np.asarray(hsv, dtype=np.float64)
-    h, s, v = hsv[..., 0] % 1.0, hsv[..., 1], hsv[..., 2]
-    i = np.floor(h * 6).astype(np.int64) % 6
-    f = h * 6 - np.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = np.stack([np.stack(c, axis=-1) for c in
-                        [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]])
-    return np.take_along_axis(choices, i[None, ..., None].repeat(3, axis=-1), axis=0)[0]
+_NB_DISTINCT = 48
+_GOLDEN_RATIO = 0.618033988749895
+
+
+@functools.lru_cache(maxsize=1)
+def _distinct_colors():
+    "FURY's `_NB_DISTINCT` most distinguishable colours that are not pale, on white (float32; once, ~0.1 s)."
+    from fury.colormap import distinguishable_colormap
+    away_from = [(0.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.8, 0.8, 0.8)]   # text, no-direction grey, 'before' grey
+    candidates = np.array(distinguishable_colormap(bg=(1.0, 1.0, 1.0), exclude=away_from, nb_colors=2 * _NB_DISTINCT))
+    return candidates[candidates.min(axis=1) <= 0.5][:_NB_DISTINCT].astype(np.float32)
 
 
 def categorical_palette(n):
-    "`n` distinct, saturated RGB colours (float32, (n, 3)): hues stepped by the golden ratio."
-    hues = (np.arange(n) * 0.618033988749895 + 0.1) % 1.0
-    return hsv_to_rgb(np.stack([hues, np.full(n, 0.8), np.full(n, 0.95)], axis=-1)).astype(np.float32)
+    """`n` distinct RGB colours (float32, (n, 3)); the first ones do not depend on `n`.
+
+    The first 48 are FURY's `distinguishable_colormap` (the pale ones left out); beyond, saturated hues stepped by the
+    golden ratio (FURY's `hsv2rgb`).
+    """
+    from fury.colormap import hsv2rgb
+    n = int(n)
+    hues = (np.arange(max(n - _NB_DISTINCT, 0)) * _GOLDEN_RATIO + 0.1) % 1.0
+    golden = hsv2rgb(np.stack([hues, np.full(len(hues), 0.8), np.full(len(hues), 0.95)], axis=-1)).reshape(-1, 3)
+    return np.concatenate([_distinct_colors()[:n], golden]).astype(np.float32)
 
 
 def colors_by_streamline(lengths):
@@ -89,16 +97,15 @@ def colors_by_direction(streams):
     ndarray of float32 (nb_points, 3)
         Grey (0.5) where the tangent is zero.
     """
+    from fury.colormap import orient2rgb
     point_idx = ranges_to_indices(streams.offsets, streams.lengths)
     points = np.asarray(streams.data, dtype=np.float64)[point_idx]
     starts = np.repeat(offsets_from_lengths(streams.lengths), streams.lengths)
     ends = starts + np.repeat(streams.lengths, streams.lengths) - 1
     position = np.arange(len(points))
     tangent = points[np.minimum(position + 1, ends)] - points[np.maximum(position - 1, starts)]
-    norm = np.linalg.norm(tangent, axis=1, keepdims=True)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        colors = np.where(norm > 1e-12, np.abs(tangent) / norm, NO_DIRECTION_GREY)
-    return colors.astype(np.float32)
+    colors = orient2rgb(tangent.reshape(-1, 3))       # |unit tangent|; NaN where the tangent is zero
+    return np.nan_to_num(colors, nan=NO_DIRECTION_GREY).astype(np.float32)
 
 # %% ../nbs/09_viz_batch.ipynb
 _VIRIDIS = np.array([[0.267, 0.005, 0.329], [0.283, 0.141, 0.458], [0.254, 0.265, 0.530], [0.207, 0.372, 0.553],
@@ -142,64 +149,79 @@ def colors_by_feature(values, value_range=None):
 # %% ../nbs/09_viz_batch.ipynb
 AUGMENTATION_LABELS = ('unchanged', 'split', 'reversed', 'split and reversed')
 AUGMENTATION_COLORS = np.array([[0.55, 0.6, 0.7], [1.0, 0.55, 0.0], [0.85, 0.1, 0.85], [0.9, 0.0, 0.0]], np.float32)
+NO_RECORD = 'no augmentation record in this batch'
 
 
-def _segment_argmin(values, lengths):
-    "Index (inside each segment) of the smallest of `values` cut into consecutive `lengths` (all > 0)."
-    starts = offsets_from_lengths(lengths)
-    order = np.lexsort((values, np.repeat(np.arange(len(lengths)), lengths)))
-    return order[starts] - starts
+def augmentation_record(batch):
+    """The augmentation record of `batch` (``{name: per-streamline array}``), ``{}`` when it has none.
+
+    Raises
+    ------
+    DataError
+        An entry that does not have one value per streamline.
+    """
+    record = getattr(batch, 'augmentation', None) or {}
+    for name, values in record.items():
+        if len(values) != len(batch.streamlines):
+            raise DataError(f"the augmentation record '{name}' has {len(values)} values for "
+                            f'{len(batch.streamlines)} streamlines')
+    return record
 
 
-def augmentation_labels(before, after):
-    """Code of what augmentation did to each streamline of `after` (0..3, see `AUGMENTATION_LABELS`).
-
-    Parameters
-    ----------
-    before, after : StreamlineBatch
-        The same batch parts loaded without and with augmentation; every streamline of `after`
-        must come from one of `before` (same subject id and streamline id).
+def augmentation_codes(batch):
+    """Code of what augmentation did to each streamline of `batch`, read from its record.
 
     Returns
     -------
-    ndarray of int64 (len(after),)
-        Bit 1: split, bit 2: reversed.
+    ndarray of int64 (len(batch),) or None
+        Bit 1: split (either half), bit 2: reversed (indices of `AUGMENTATION_LABELS`); None
+        when the batch has no augmentation record.
     """
-    key_before = before.subject_ids.astype(np.int64) * (1 << 40) + before.streamline_ids
-    key_after = after.subject_ids.astype(np.int64) * (1 << 40) + after.streamline_ids
-    order = np.argsort(key_before, kind='stable')
-    pos = np.searchsorted(key_before[order], key_after)
-    if len(key_after) and (pos.max() >= len(order) or not np.array_equal(key_before[order[pos]], key_after)):
-        raise DataError('the augmented batch has streamlines that are not in the batch before augmentation: '
-                        'both must be loaded from the same batch parts')
-    source = order[pos]
-    _, inverse, counts = np.unique(key_after, return_inverse=True, return_counts=True)
-    split = counts[inverse] > 1
-    b, a = before.streamlines, after.streamlines
-    drawable = (a.lengths >= 2) & (b.lengths[source] >= 2)
-    reversed_ = np.zeros(len(a), dtype=bool)
-    if drawable.any():
-        src, ends = source[drawable], np.stack([a.offsets[drawable], a.offsets[drawable] + a.lengths[drawable] - 1])
-        src_points = b.data[ranges_to_indices(b.offsets[src], b.lengths[src])]
-        owner = np.repeat(np.arange(len(src)), b.lengths[src])
-        nearest = [_segment_argmin(np.linalg.norm(src_points - a.data[e][owner], axis=1), b.lengths[src]) for e in ends]
-        reversed_[drawable] = nearest[0] > nearest[1]
+    record = augmentation_record(batch)
+    if not record: return None
+    none = np.zeros(len(batch.streamlines), np.int64)
+    split = np.asarray(record.get('split', none)) > 0
+    reversed_ = np.asarray(record.get('reversed', none)).astype(bool)
     return split.astype(np.int64) + 2 * reversed_.astype(np.int64)
 
 # %% ../nbs/09_viz_batch.ipynb
 STAGES = ('stored', 'before', 'after', 'both')
-COLOR_MODES = ('streamline', 'direction', 'feature', 'subject', 'augmentation')
+COLOR_MODES = ('streamline', 'direction', 'feature', 'subject', 'augmentation', 'noise')
 SLICE_AXES = {'x': 0, 'y': 1, 'z': 2}
 
 
+_RESAMPLING_TRANSFORM = 'Resample'     # every other transform of a loader augments
+_AUGMENTATION_OFF = {'split_ratio': 0.0, 'reverse_ratio': 0.0, 'noise_gaussian_size': 0.0}
+_RESAMPLING_OFF = {'step_size': None, 'nb_points': None, 'compress': None}
+
+
+def _transform_name(transform):
+    "The name a transform gives in its `get_params()` ('Split', 'Resample'...), else its class name."
+    params = transform.get_params() if hasattr(transform, 'get_params') else {}
+    return params.get('name', type(transform).__name__)
+
+
 def sampler_variant(sampler, *, augment=True, resample=True):
-    "A shallow copy of `sampler` with augmentation (split, reverse, noise) and/or resampling turned off."
-    variant = copy.copy(sampler)
-    if not augment:
-        variant.split_ratio = variant.reverse_ratio = variant.noise_gaussian_size = 0.0
-    if not resample:
-        variant.step_size = variant.nb_points = variant.compress = None
-    return variant
+    """A new sampler like `sampler` (same subset, rebuilt from its `get_params()`) with augmentation
+    and/or resampling off; it loads the same `BatchPart`s into the same streamlines.
+
+    When the sampler's loader holds a list of transforms (``sampler.loader.transforms``), the
+    variant gets that list without the augmenting ones (every transform but 'Resample') and/or
+    without 'Resample', by name; otherwise the ratio and resampling arguments are set to 0/None.
+    """
+    params = sampler.get_params()
+    transforms = getattr(getattr(sampler, 'loader', None), 'transforms', None)
+    if transforms is not None:
+        kept = [t for t in transforms if (_transform_name(t) == _RESAMPLING_TRANSFORM and resample)
+                or (_transform_name(t) != _RESAMPLING_TRANSFORM and augment)]
+        # the list replaces the arguments it is built from (giving both is an error)
+        replaced = {*_AUGMENTATION_OFF, *_RESAMPLING_OFF, 'noise_gaussian_max', 'transforms'}
+        params = {k: v for k, v in params.items() if k not in replaced}
+        params['transforms'] = kept
+    else:
+        params.update({} if augment else _AUGMENTATION_OFF)
+        params.update({} if resample else _RESAMPLING_OFF)
+    return type(sampler)(sampler.source_data, **params)
 
 
 def batch_parts(sampler, epoch=0, batch_index=0):
@@ -314,7 +336,8 @@ STAGE_TEXT = {'stored': 'as stored', 'before': 'before augmentation', 'after': '
               'both': 'after augmentation, over before (grey)'}
 
 
-def _legend(color_by, shown, subjects, feature, value_range, stage):
+def _legend(color_by, shown, subjects, feature, value_range, stage, note=''):
+    "The key of a colouring; `note` (e.g. `NO_RECORD`) replaces the categories of augmentation."
     if color_by == 'streamline':
         legend = Legend('colour by streamline', note=f'one colour per streamline ({len(shown)} streamlines)')
     elif color_by == 'subject':
@@ -325,6 +348,11 @@ def _legend(color_by, shown, subjects, feature, value_range, stage):
         legend = Legend('colour by direction (|unit tangent|, RAS+)', list(DIRECTION_KEY))
     elif color_by == 'feature':
         legend = Legend(f'colour by input feature {feature}', ramp=value_range, note='2nd to 98th percentile')
+    elif color_by == 'noise':
+        legend = Legend('colour by noise (largest displacement of a streamline, mm)', ramp=None if note else value_range,
+                        note=note)
+    elif note:
+        legend = Legend('colour by augmentation', note=note)
     else:
         legend = Legend('colour by augmentation', [(l, tuple(c.tolist())) for l, c in zip(AUGMENTATION_LABELS, AUGMENTATION_COLORS)])
     if stage == 'both':
@@ -336,8 +364,8 @@ def legend_html(legend):
     "The key as HTML (swatches or a colour bar) for an `ipywidgets.HTML` beside the canvas."
     swatch = lambda c: ('<span style="display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;'
                         f'border:1px solid #999;background:{_css(c)}"></span>')
-    parts = [f'<b>{_html_escape(legend.title)}</b>']
-    parts += [f'<span style="white-space:nowrap;margin-right:10px">{swatch(c)}{_html_escape(l)}</span>'
+    parts = [f'<b>{html.escape(legend.title, quote=False)}</b>']
+    parts += [f'<span style="white-space:nowrap;margin-right:10px">{swatch(c)}{html.escape(l, quote=False)}</span>'
               for l, c in legend.items]
     if legend.ramp is not None:
         stops = ', '.join(_css(c) for c in colormap(np.linspace(0, 1, 11)))
@@ -345,17 +373,13 @@ def legend_html(legend):
                      f'width:140px;height:12px;vertical-align:middle;background:linear-gradient(to right, {stops})">'
                      f'</span> {legend.ramp[1]:.3g}</span>')
     if legend.note:
-        parts.append(f'<i>{_html_escape(legend.note)}</i>')
+        parts.append(f'<i>{html.escape(legend.note, quote=False)}</i>')
     return '<div style="line-height:1.6">' + ' '.join(parts) + '</div>'
 
 
 def _css(rgb):
     r, g, b = (int(round(255 * float(v))) for v in rgb[:3])
     return f'rgb({r},{g},{b})'
-
-
-def _html_escape(text):
-    return str(text).replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
 
 # %% ../nbs/09_viz_batch.ipynb
 @dataclass
@@ -410,14 +434,15 @@ def _subject_parts(sampler, parts, subject):
 
 
 def _point_colors(color_by, shown, before, after, feature, is_after):
-    "Per-point colours of `shown` (before/after/stored, `is_after`: it is `after`), and the feature's range."
+    """Per-point colours of `shown` (before/after/stored, `is_after`: it is `after`), the range of a
+    continuous colouring, and a note for the key ('' or why there is nothing to colour by)."""
     streams = shown.streamlines
     if color_by == 'streamline':
-        return colors_by_streamline(streams.lengths), None
+        return colors_by_streamline(streams.lengths), None, ''
     if color_by == 'subject':
-        return colors_by_subject(shown.subject_ids, streams.lengths), None
+        return colors_by_subject(shown.subject_ids, streams.lengths), None, ''
     if color_by == 'direction':
-        return colors_by_direction(streams), None
+        return colors_by_direction(streams), None, ''
     if color_by == 'feature':
         if shown.inputs is None:
             raise ConfigError("color_by='feature' needs a sampler with an input group "
@@ -427,13 +452,30 @@ def _point_colors(color_by, shown, before, after, feature, is_after):
             raise ConfigError(f'feature {feature} does not exist: the inputs have {nb_columns} columns (0 to {nb_columns - 1})')
         values = shown.inputs[:, feature].numpy()
         value_range = feature_range(values)
-        return colors_by_feature(values, value_range), value_range
-    labels = augmentation_labels(before, after)
-    if not is_after:  # a stored streamline shows everything that happened to its pieces
-        per_source = np.zeros(len(before), dtype=np.int64)
-        np.bitwise_or.at(per_source, _source_index(before, after), labels)
-        labels = per_source
-    return np.repeat(AUGMENTATION_COLORS[labels], streams.lengths, axis=0), None
+        return colors_by_feature(values, value_range), value_range, ''
+    return _recorded_colors(color_by, shown, before, after, is_after)
+
+
+def _recorded_colors(color_by, shown, before, after, is_after):
+    "`_point_colors` by augmentation or noise, read from the record of `after`."
+    lengths, record = shown.streamlines.lengths, augmentation_record(after)
+    if not record:
+        return np.full((int(lengths.sum()), 3), NO_DIRECTION_GREY, np.float32), None, NO_RECORD
+    if color_by == 'augmentation':
+        codes = augmentation_codes(after)
+        if not is_after:  # a stored streamline shows everything that happened to its pieces
+            per_source = np.zeros(len(before.streamlines), dtype=np.int64)
+            np.bitwise_or.at(per_source, _source_index(before, after), codes)
+            codes = per_source
+        return np.repeat(AUGMENTATION_COLORS[codes], lengths, axis=0), None, ''
+    noise = np.asarray(record.get('noise_mm', np.zeros(len(after.streamlines))), np.float64)
+    if not is_after:  # a stored streamline shows the largest noise of its pieces
+        per_source = np.zeros(len(before.streamlines))
+        np.maximum.at(per_source, _source_index(before, after), noise)
+        noise = per_source
+    value_range = (0.0, float(noise.max()) if len(noise) and noise.max() > 0 else 1.0)
+    note = '' if 'noise_mm' in record else 'no noise in this batch'
+    return np.repeat(colors_by_feature(noise, value_range), lengths, axis=0), value_range, note
 
 
 def _source_index(before, after):
@@ -453,7 +495,8 @@ def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', fea
     parts : list of BatchPart
         One batch of ``sampler.epoch_plan(epoch)`` (see `batch_parts`).
     stage : {'stored', 'before', 'after', 'both'}
-    color_by : {'streamline', 'direction', 'feature', 'subject', 'augmentation'}
+    color_by : {'streamline', 'direction', 'feature', 'subject', 'augmentation', 'noise'}
+        'augmentation' and 'noise' read the batch's augmentation record (`augmentation_record`).
     feature : int
         Column of ``batch.inputs`` for ``color_by='feature'``.
     subject : int, optional
@@ -495,10 +538,10 @@ def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', fea
         raise DataError('this batch has no streamlines', group=sampler.streamline_group, file=_hdf5_name(sampler))
     is_after = shown is after
     shown, before_world = _batch_in_world(sampler, shown), _batch_in_world(sampler, before)
-    colors, value_range = _point_colors(color_by, shown, before, after, int(feature), is_after)
+    colors, value_range, note = _point_colors(color_by, shown, before, after, int(feature), is_after)
     subjects = sampler.source_data.subjects
     view = BatchView(shown.streamlines, colors, before_world.streamlines if stage == 'both' else None,
-                     legend=_legend(color_by, shown, subjects, int(feature), value_range, stage))
+                     legend=_legend(color_by, shown, subjects, int(feature), value_range, stage, note))
     if slice_axis is not None:
         _add_slice(view, sampler, parts, slice_axis, slice_index, slice_group, slice_feature)
     who = 'all subjects' if subject is None else f'subject {subjects[subject]}'
@@ -1047,9 +1090,9 @@ def fallback_bundle(png, css_class, alt=''):
     `css_class`, which the live inspector hides; 'image/png' is there for other front ends.
     """
     data = base64.b64encode(bytes(png)).decode('ascii')
-    html = (f'<div class="{css_class}"><img src="data:image/png;base64,{data}" alt="{_html_escape(alt)}" '
+    page = (f'<div class="{css_class}"><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
             'style="max-width:100%"/></div>')
-    return {'text/html': html, 'image/png': data}
+    return {'text/html': page, 'image/png': data}
 
 
 # jupyter_rfb's <img> shows this 1x1 picture until the kernel sends a frame
@@ -1173,13 +1216,13 @@ class _InspectorDrawing:
             self.image.value = png_bytes(frame)
         except CanvasBusy as e:
             if not self._later('_retry', 0.05, self.refresh):     # the canvas' own draw ends in a moment
-                self.message.value = f'<span style="color:#b00">⚠ {_html_escape(str(e))}: change a control to redraw</span>'
+                self.message.value = f'<span style="color:#b00">⚠ {html.escape(str(e), quote=False)}: change a control to redraw</span>'
             return
         except DwimlError as e:
-            self.message.value = f'<span style="color:#b00">⚠ {_html_escape(str(e))}</span>'
+            self.message.value = f'<span style="color:#b00">⚠ {html.escape(str(e), quote=False)}</span>'
             return
         self._last = (frame, view)
-        self.message.value = f'<span style="font-weight:600">{_html_escape(view.title)}</span>'
+        self.message.value = f'<span style="font-weight:600">{html.escape(view.title, quote=False)}</span>'
         self.legend.value = legend_html(view.legend) if view.legend else ''
         if view.slice_image is not None:
             self._updating = True
@@ -1370,7 +1413,8 @@ def _visualize_batch(argv=None):
     p.add_argument('--noise_gaussian_size', type=number_in_range(float, 0, 100), default=0.0, help='noise std in mm')
     p.add_argument('--stage', choices=STAGES, default='after',
                    help='stored: as in the file; before/after: augmentation; both: after over before in grey')
-    p.add_argument('--color_by', choices=COLOR_MODES, default='streamline', help='colouring of the streamlines')
+    p.add_argument('--color_by', choices=COLOR_MODES, default='streamline',
+                   help="colouring of the streamlines (augmentation, noise: read from the sampler's record)")
     p.add_argument('--feature', type=number_in_range(int, 0, 10**6), default=0,
                    help='input column for --color_by feature')
     p.add_argument('--subject', help='show only this subject id; none: all subjects of the batch')

@@ -16,7 +16,7 @@ from dwiml_nb import viz_batch
 from dwiml_nb.core import DataError
 from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
-from dwiml_nb.viz_batch import (BatchInspector, RenderingUnavailable, batch_parts, check_rendering, make_batch_view,
+from dwiml_nb.viz_batch import (BatchInspector, RenderingUnavailable, batch_parts, make_batch_view,
                                 render_batch_png, render_view, visualize_batch_main, voxel_to_world)
 
 SIZE = (160, 160)
@@ -71,6 +71,67 @@ def test_before_and_after_show_the_same_streamlines(sampler):
     np.testing.assert_allclose(before.streamlines.data, voxel_to_world(plain.load_batch(parts).streamlines.data, affine),
                                atol=1e-4)
     assert set(loaded.streamline_ids) == set(plain.load_batch(parts).streamline_ids)
+
+
+class RecordingSampler(BatchStreamlinesSamplerOneInput):
+    """The test sampler, with an augmentation record made up from its batch when the sampler keeps none.
+
+    Once `dwiml_nb.sampler` records what its transforms did, the real record is used as it is.
+    """
+    def load_batch(self, parts):
+        batch = super().load_batch(parts)
+        if getattr(batch, 'augmentation', None):
+            return batch
+        ids = batch.subject_ids * (1 << 40) + batch.streamline_ids
+        second = np.r_[False, ids[1:] == ids[:-1]]                    # halves of a split streamline follow each other
+        first = np.r_[second[1:], False]
+        rng = np.random.default_rng(len(batch))
+        batch.augmentation = {'split': (first + 2 * second).astype(np.int8), 'reversed': rng.random(len(batch)) < 0.5,
+                              'noise_mm': rng.uniform(0, 0.3, len(batch)).astype(np.float32)}
+        return batch
+
+
+def test_augmentation_and_noise_colours_follow_the_record(sampler):
+    recording = RecordingSampler(sampler.source_data, **sampler.get_params())
+    parts = batch_parts(recording, 0, 0)
+    after = recording.load_batch(parts)
+    codes = viz_batch.augmentation_codes(after)
+    assert (codes & 1).any() and (codes & 2).any() and (codes == 0).any()
+    view = make_batch_view(recording, parts, color_by='augmentation')
+    np.testing.assert_array_equal(view.colors, np.repeat(viz_batch.AUGMENTATION_COLORS[codes], after.streamlines.lengths, 0))
+    assert [label for label, _ in view.legend.items] == list(viz_batch.AUGMENTATION_LABELS)
+    # before augmentation, a streamline shows everything done to its pieces (split in two, one half reversed)
+    before = make_batch_view(recording, parts, stage='before', color_by='augmentation')
+    plain = recording.__class__(sampler.source_data, 'streamlines', 'input', batch_size=40, step_size=0.5, seed=7)
+    plain_batch = plain.load_batch(parts)
+    per_source = np.zeros(len(plain_batch), np.int64)
+    for code, sid in zip(codes, after.streamline_ids):
+        per_source[plain_batch.streamline_ids == sid] |= code
+    np.testing.assert_array_equal(before.colors, np.repeat(viz_batch.AUGMENTATION_COLORS[per_source],
+                                                           plain_batch.streamlines.lengths, 0))
+    noise = make_batch_view(recording, parts, color_by='noise')
+    high = float(after.augmentation['noise_mm'].max())
+    assert noise.legend.ramp == (0.0, high) and 'colour by noise' in noise.title
+    loudest = int(np.argmax(after.augmentation['noise_mm']))
+    start = int(after.streamlines.offsets[loudest])
+    np.testing.assert_allclose(noise.colors[start], viz_batch.colormap([1.0])[0])
+
+
+class SilentSampler(BatchStreamlinesSamplerOneInput):
+    "The test sampler with no augmentation record (as a sampler that does not keep one)."
+    def load_batch(self, parts):
+        batch = super().load_batch(parts)
+        batch.augmentation = {}
+        return batch
+
+
+def test_a_batch_without_record_says_so_instead_of_guessing(sampler):
+    silent = SilentSampler(sampler.source_data, **sampler.get_params())
+    parts = batch_parts(silent, 0, 0)
+    for color_by in ('augmentation', 'noise'):
+        view = make_batch_view(silent, parts, color_by=color_by)
+        assert view.legend.note == viz_batch.NO_RECORD and view.legend.items == [] and view.legend.ramp is None
+        assert (view.colors == viz_batch.NO_DIRECTION_GREY).all()
 
 
 def test_render_to_png_is_not_blank_and_follows_colouring_and_augmentation(sampler, can_render, tmp_path):
@@ -286,7 +347,8 @@ def test_live_canvas_in_a_real_kernel_draws_and_follows_the_controls(can_render,
     assert abs(foreground(direction).mean() - foreground(first).mean()) < 0.02
     assert foreground(sliced).mean() > foreground(direction).mean() + 0.05
     # the inspector cell: the widget (jupyter_rfb's output area inside it), then the last frame for saved notebooks
-    import base64, io
+    import base64
+    import io
     cell = nbformat.read(tmp_path / 'out.ipynb', as_version=4).cells[1]
     shown = [o for o in cell.outputs if o.output_type == 'display_data']
     assert len(shown) == 2 and 'application/vnd.jupyter.widget-view+json' in shown[0].data, cell.outputs

@@ -17,8 +17,8 @@ from dwiml_fixture import write_dwiml_hdf5
 from dwiml_nb import viz_batch
 from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
-from dwiml_nb.viz_batch import (ALL_SUBJECTS, BatchInspector, CanvasBusy, RenderingUnavailable, annotate,
-                                batch_parts, check_rendering, densest_slice, make_batch_view, render_view,
+from dwiml_nb.viz_batch import (ALL_SUBJECTS, BatchInspector, CanvasBusy, annotate,
+                                batch_parts, densest_slice, make_batch_view, render_view,
                                 voxel_to_world)
 
 SUBJECTS = ('sub-01', 'sub-02', 'sub-03')
