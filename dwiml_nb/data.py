@@ -24,12 +24,13 @@ from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, atomic
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'PHANTOM_SHAPE', 'PHANTOM_VOXEL_SIZE', 'PHANTOM_BUNDLES', 'DEMO_CONFIG', 'DIPY_SPLITS', 'DEMO_MARK',
-           'DEMO_DATASETS', 'MAX_DEMO_SUBJECTS', 'hemisphere_directions', 'orientation_samples', 'orientation_features',
-           'phantom_affine', 'phantom_subject', 'vox_to_rasmm', 'rasmm_to_vox', 'write_subject', 'split_subjects',
+__all__ = ['logger', 'PHANTOM_SHAPE', 'PHANTOM_VOXEL_SIZE', 'PHANTOM_BUNDLES', 'WM_MASK_DILATION_VOX', 'DEMO_CONFIG',
+           'BUNDLE_NAMES_FILE', 'DIPY_SPLITS', 'DEMO_MARK', 'DEMO_DATASETS', 'MAX_DEMO_SUBJECTS',
+           'hemisphere_directions', 'orientation_samples', 'orientation_features', 'phantom_affine', 'phantom_subject',
+           'vox_to_rasmm', 'rasmm_to_vox', 'tracking_mask', 'write_subject', 'split_subjects',
            'write_database_metadata', 'make_phantom_database', 'load_dipy_bundles', 'grid_around', 'make_dipy_database',
-           'DemoData', 'make_demo_dataset', 'project_root', 'project_path', 'demo_hdf5', 'direction_alignment',
-           'make_demo_main']
+           'DemoData', 'make_demo_dataset', 'demo_bundle_names', 'project_root', 'project_path', 'demo_hdf5',
+           'direction_alignment', 'make_demo_main']
 
 # %% ../nbs/03_data.ipynb
 def hemisphere_directions(nb_directions=32):
@@ -252,18 +253,35 @@ def _save_nifti(data, affine, path):
         nib.save(img, tmp)
 
 
-def _save_trk(streams_vox, affine, shape, path):
+def _save_trk(streams_vox, affine, shape, path, bundle_id=None):
     from nibabel.streamlines import Field, Tractogram, TrkFile
     header = {Field.VOXEL_TO_RASMM: affine, Field.DIMENSIONS: np.asarray(shape, np.int16),
               Field.VOXEL_SIZES: np.sqrt((affine[:3, :3] ** 2).sum(0)).astype(np.float32),
               Field.VOXEL_ORDER: ''.join(nib.aff2axcodes(affine))}
     mm = PackedStreamlines(vox_to_rasmm(streams_vox.data, affine).astype(np.float32), streams_vox.offsets,
                            streams_vox.lengths)
+    dps = {} if bundle_id is None else {'bundle_id': np.full((len(mm), 1), bundle_id, np.float32)}
     with atomic_write(path, suffix='.trk') as tmp:
-        TrkFile(Tractogram(mm.to_list(), affine_to_rasmm=np.eye(4)), header).save(str(tmp))
+        TrkFile(Tractogram(mm.to_list(), data_per_streamline=dps, affine_to_rasmm=np.eye(4)), header).save(str(tmp))
 
 
-def write_subject(subj_dir, features, mask, affine, bundles):
+WM_MASK_DILATION_VOX = 2
+
+
+def tracking_mask(tract_mask, dilation_vox=WM_MASK_DILATION_VOX):
+    """The demo's ``wm_mask``: the voxels the streamlines cross, dilated by ``dilation_vox`` voxels.
+
+    The tract mask itself hugs the bundles: a tracker that drifts by half a voxel leaves it and
+    stops early. Dilated (6-connected, ``dilation_vox`` times) it is a white-matter-like region
+    that still stops a tracker a few voxels past the bundles' ends.
+    """
+    import scipy.ndimage
+    mask = np.asarray(tract_mask, bool)
+    if dilation_vox == 0: return mask.copy()
+    return scipy.ndimage.binary_dilation(mask, iterations=int(dilation_vox))
+
+
+def write_subject(subj_dir, features, mask, affine, bundles, bundle_ids=None):
     """Write one subject of a dwi_ml database directory.
 
     Parameters
@@ -276,19 +294,25 @@ def write_subject(subj_dir, features, mask, affine, bundles):
         Voxel-to-RAS-mm affine of the grid.
     bundles : dict str -> PackedStreamlines
         Streamlines in voxel space (corner origin), one ``tractograms/<name>.trk`` each.
+    bundle_ids : dict str -> int, optional
+        Each bundle's ``bundle_id`` (default: its rank in ``bundles``).
     """
     subj_dir = Path(subj_dir)
+    bundle_ids = {name: i for i, name in enumerate(bundles)} if bundle_ids is None else bundle_ids
     _save_nifti(np.asarray(features, np.float32), affine, subj_dir / 'input.nii.gz')
-    _save_nifti(np.asarray(mask, np.uint8), affine, subj_dir / 'wm_mask.nii.gz')
+    _save_nifti(np.asarray(mask, np.uint8), affine, subj_dir / 'tract_mask.nii.gz')
+    _save_nifti(tracking_mask(mask).astype(np.uint8), affine, subj_dir / 'wm_mask.nii.gz')
     for name, streams in bundles.items():
-        _save_trk(streams, affine, mask.shape, subj_dir / 'tractograms' / f'{name}.trk')
+        _save_trk(streams, affine, mask.shape, subj_dir / 'tractograms' / f'{name}.trk', bundle_ids[name])
 
 # %% ../nbs/03_data.ipynb
 DEMO_CONFIG = {
     'input': {'type': 'volume', 'files': ['input.nii.gz'], 'standardization': 'per_file',
-              'std_mask': ['wm_mask.nii.gz']},
-    'streamlines': {'type': 'streamlines', 'files': ['tractograms/*.trk']},
+              'std_mask': ['tract_mask.nii.gz']},
+    'wm_mask': {'type': 'volume', 'files': ['wm_mask.nii.gz'], 'standardization': 'none'},
+    'streamlines': {'type': 'streamlines', 'files': ['tractograms/*.trk'], 'dps_keys': ['bundle_id']},
 }
+BUNDLE_NAMES_FILE = 'bundle_names.json'
 
 
 def split_subjects(subjects):
@@ -306,9 +330,13 @@ def split_subjects(subjects):
             'testing': subjects[nb_train + nb_valid:]}
 
 
-def write_database_metadata(db_dir, splits, config=DEMO_CONFIG):
-    "Write ``config.json`` and ``training.txt`` / ``validation.txt`` / ``testing.txt`` in ``db_dir``."
+def write_database_metadata(db_dir, splits, config=DEMO_CONFIG, bundle_names=None):
+    """Write ``config.json``, ``training.txt`` / ``validation.txt`` / ``testing.txt`` and (when given) the
+    list ``bundle_names`` as `BUNDLE_NAMES_FILE` in ``db_dir``."""
     db_dir = Path(db_dir)
+    if bundle_names is not None:
+        with atomic_write(db_dir / BUNDLE_NAMES_FILE) as tmp:
+            tmp.write_text(json.dumps(list(bundle_names), indent=2) + '\n')
     with atomic_write(db_dir / 'config.json') as tmp:
         tmp.write_text(json.dumps(config, indent=2) + '\n')
     for split, subjects in splits.items():
@@ -347,8 +375,9 @@ def make_phantom_database(db_dir, *, nb_subjects=8, seed=1234, nb_streamlines_pe
         bundles = phantom_subject(rng, nb_streamlines_per_bundle=nb_streamlines_per_bundle)
         features, mask = orientation_features(PackedStreamlines.concatenate(bundles.values()), PHANTOM_SHAPE,
                                               noise_std=noise_std, rng=rng)
-        write_subject(Path(db_dir) / subj_id, features, mask, affine, bundles)
-    write_database_metadata(db_dir, splits)
+        write_subject(Path(db_dir) / subj_id, features, mask, affine, bundles,
+                      {name: PHANTOM_BUNDLES.index(name) for name in bundles})
+    write_database_metadata(db_dir, splits, bundle_names=PHANTOM_BUNDLES)
     return splits
 
 # %% ../nbs/03_data.ipynb
@@ -410,6 +439,8 @@ def make_dipy_database(db_dir, *, seed=1234, voxel_size=3.0, noise_std=0.1, prog
     of its streamlines with Gaussian noise drawn from ``default_rng([seed, i])``.
     """
     bundles_mm = load_dipy_bundles()
+    # One numbering for every subject (sub_1's AF_L and sub_4's AF_L have the same bundle_id).
+    names = sorted({name for bundles in bundles_mm.values() for name in bundles})
     for i, (subj_id, bundles) in enumerate(progress_bar(bundles_mm.items(), desc='dipy subjects', disable=not progress)):
         affine, shape = grid_around(np.concatenate([np.concatenate(b) for b in bundles.values()]), voxel_size)
         bundles_vox = {}
@@ -419,11 +450,12 @@ def make_dipy_database(db_dir, *, seed=1234, voxel_size=3.0, noise_std=0.1, prog
             bundles_vox[name] = packed
         features, mask = orientation_features(PackedStreamlines.concatenate(bundles_vox.values()), shape,
                                               noise_std=noise_std, rng=np.random.default_rng([seed, i]))
-        write_subject(Path(db_dir) / subj_id, features, mask, affine, bundles_vox)
+        write_subject(Path(db_dir) / subj_id, features, mask, affine, bundles_vox,
+                      {name: names.index(name) for name in bundles_vox})
     splits = {k: [s for s in v if s in bundles_mm] for k, v in DIPY_SPLITS.items()}
     unsplit = sorted(set(bundles_mm) - {s for v in splits.values() for s in v})
     splits['training'] += unsplit
-    write_database_metadata(db_dir, splits)
+    write_database_metadata(db_dir, splits, bundle_names=names)
     return splits
 
 # %% ../nbs/03_data.ipynb
@@ -537,6 +569,22 @@ def make_demo_dataset(out_dir, *, which='all', seed=1234, nb_subjects=8, overwri
         result.hdf5_files[name], result.database_dirs[name], result.splits[name] = hdf5_file, db_dir, splits
         logger.info('%s demo dataset: %s and %s (%.1f s)', name, db_dir, hdf5_file, time.perf_counter() - start)
     return result
+
+# %% ../nbs/03_data.ipynb
+def demo_bundle_names(hdf5_file):
+    """The bundle names of a demo HDF5 file (list, index = ``bundle_id``), or None for another file.
+
+    Read from `BUNDLE_NAMES_FILE` in the database directory `make_demo_dataset` wrote beside it.
+    """
+    path = Path(hdf5_file).with_suffix('') / BUNDLE_NAMES_FILE
+    if not path.is_file(): return None
+    try:
+        names = json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f'is not valid JSON ({e})', file=path) from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError('must hold a JSON list of bundle names (strings)', file=path)
+    return names
 
 # %% ../nbs/03_data.ipynb
 def project_root(start=None):

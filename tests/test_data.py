@@ -11,9 +11,11 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from dwiml_nb.core import PackedStreamlines
-from dwiml_nb.data import DEMO_CONFIG, DEMO_MARK, direction_alignment, hemisphere_directions, make_demo_main
+from dwiml_nb.data import (BUNDLE_NAMES_FILE, DEMO_CONFIG, DEMO_MARK, PHANTOM_BUNDLES, WM_MASK_DILATION_VOX,
+                           demo_bundle_names, direction_alignment, hemisphere_directions, make_demo_main)
 
 SCRIPT = [sys.executable, '-c', 'from dwiml_nb.data import make_demo_main; make_demo_main()']
 SPLITS = ('training', 'validation', 'testing')
@@ -80,18 +82,31 @@ def test_layout_config_and_splits(demo):
         assert len(subjects) == len(set(subjects)) == nb_subjects
         assert all(splits.values())
         assert sorted(p.name for p in db.iterdir() if p.is_dir()) == sorted(subjects)
+        names = json.loads((db / BUNDLE_NAMES_FILE).read_text())
+        assert names == (list(PHANTOM_BUNDLES) if name == 'phantom' else ['AF_L', 'CC_ForcepsMajor', 'CST_R', 'fornix'])
+        assert demo_bundle_names(demo / f'{name}.hdf5') == names
         for subj in subjects:
-            img, mask = nib.load(db / subj / 'input.nii.gz'), nib.load(db / subj / 'wm_mask.nii.gz')
+            img, mask = nib.load(db / subj / 'input.nii.gz'), nib.load(db / subj / 'tract_mask.nii.gz')
             assert img.ndim == 4 and img.get_data_dtype() == np.float32 and img.shape[-1] == 32
             np.testing.assert_array_equal(img.affine, mask.affine)
             data, inside = np.asarray(img.dataobj), np.asarray(mask.dataobj).astype(bool)
-            assert inside.any() and not data[~inside].any()           # zero outside the white matter
+            assert inside.any() and not data[~inside].any()           # zero outside the tracts
+            wm = nib.load(db / subj / 'wm_mask.nii.gz')
+            np.testing.assert_array_equal(wm.affine, img.affine)
+            wm = np.asarray(wm.dataobj).astype(bool)
+            # the tracking mask: the tracts dilated, with room around them (not hugging the tracts)
+            assert (wm >= inside).all() and wm.sum() > 1.5 * inside.sum()
+            assert np.array_equal(wm, scipy.ndimage.binary_dilation(inside, iterations=WM_MASK_DILATION_VOX))
             trks = sorted((db / subj / 'tractograms').glob('*.trk'))
             assert trks
             for trk in trks:
-                header = nib.streamlines.load(trk, lazy_load=True).header
+                loaded = nib.streamlines.load(trk)
+                header = loaded.header
                 np.testing.assert_allclose(header['voxel_to_rasmm'], img.affine, atol=1e-5)
                 assert tuple(header['dimensions']) == img.shape[:3]
+                # every streamline carries its bundle's number, an index in bundle_names.json
+                ids = np.unique(loaded.tractogram.data_per_streamline['bundle_id'])
+                assert len(ids) == 1 and names[int(ids[0])] == trk.stem
     assert sorted(p.name for p in (demo / 'dipy' / 'sub_2' / 'tractograms').iterdir()) == \
         ['AF_L.trk', 'CC_ForcepsMajor.trk', 'CST_R.trk']
     assert [p.name for p in (demo / 'dipy' / 'fornix' / 'tractograms').iterdir()] == ['fornix.trk']
@@ -123,6 +138,11 @@ def test_hdf5_has_every_subject_group_and_feature(demo):
                 assert f[subj]['input'].attrs['type'] == 'volume'
                 assert f[subj]['input']['data'].shape == nib.load(db / subj / 'input.nii.gz').shape
                 assert f[subj]['streamlines'].attrs['type'] == 'streamlines'
+                assert f[subj]['wm_mask'].attrs['type'] == 'volume'
+                np.testing.assert_array_equal(f[subj]['wm_mask']['data'][()][..., 0].astype(bool),
+                                              np.asarray(nib.load(db / subj / 'wm_mask.nii.gz').dataobj).astype(bool))
+                bundle_ids = f[subj]['streamlines']['data_per_streamline']['bundle_id'][()]
+                assert bundle_ids.shape == (len(f[subj]['streamlines']['lengths']), 1)
                 nb_streamlines = sum(int(nib.streamlines.load(t, lazy_load=True).header['nb_streamlines'])
                                      for t in (db / subj / 'tractograms').glob('*.trk'))
                 assert len(f[subj]['streamlines']['lengths']) == nb_streamlines
@@ -131,7 +151,8 @@ def test_hdf5_has_every_subject_group_and_feature(demo):
 def test_multisubject_dataset_reads_the_demo(demo):
     dataset_module = pytest.importorskip('dwiml_nb.dataset')
     ds = dataset_module.MultiSubjectDataset(demo / 'phantom.hdf5').load_data()
-    assert ds.volume_groups == ['input'] and ds.streamline_groups == ['streamlines']
+    assert ds.volume_groups == ['input', 'wm_mask'] and ds.streamline_groups == ['streamlines']
+    assert ds.nb_features['wm_mask'] == 1
     assert ds.nb_features['input'] == 32
     assert [len(ds.training_set), len(ds.validation_set), len(ds.testing_set)] == [5, 2, 1]
 
