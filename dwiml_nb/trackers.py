@@ -15,13 +15,14 @@ from pathlib import Path
 
 from .core import ConfigError
 from .distributed import rank_and_world_size
+from .training_logs import BATCH_METRICS, EPOCH_METRICS, VALID_BATCH_METRICS
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'BATCH_METRICS', 'EPOCH_METRICS', 'COMET_QUIET', 'TRACKERS', 'import_optional', 'flatten_params',
-           'finite_metrics', 'count_training_batches', 'training_params', 'is_secondary_rank', 'ExperimentTracker',
-           'TensorBoardTracker', 'CometTracker', 'make_tracker']
+__all__ = ['logger', 'COMET_QUIET', 'TRACKERS', 'import_optional', 'flatten_params', 'finite_metrics', 'count_training_batches',
+           'training_params', 'is_secondary_rank', 'ExperimentTracker', 'TensorBoardTracker', 'CometTracker',
+           'make_tracker', 'BATCH_METRICS', 'EPOCH_METRICS', 'VALID_BATCH_METRICS']
 
 # %% ../nbs/12_trackers.ipynb
 def import_optional(module, pip_package, needed_by):
@@ -72,9 +73,7 @@ def finite_metrics(record, keys, prefix):
     return metrics
 
 # %% ../nbs/12_trackers.ipynb
-BATCH_METRICS = ('loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate', 'streamlines_per_s')
-EPOCH_METRICS = ('train_loss', 'valid_loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate', 'nb_streamlines',
-                 'best_valid_loss', 'best_epoch', 'patience_count', 'time_s', 'streamlines_per_s')
+_all_ = ['BATCH_METRICS', 'EPOCH_METRICS', 'VALID_BATCH_METRICS']
 
 
 def count_training_batches(batches_csv):
@@ -149,7 +148,7 @@ class ExperimentTracker:
             self._log(finite_metrics(record, BATCH_METRICS, 'train/'), self.step, record.get('epoch'))
             self.step += 1
         else:   # a validation batch, drawn at the training step it follows
-            self._log(finite_metrics(record, ('loss', 'streamlines_per_s'), f'{phase}/'), self.step,
+            self._log(finite_metrics(record, VALID_BATCH_METRICS, f'{phase}/'), self.step,
                       record.get('epoch'))
 
     def on_epoch_end(self, trainer, record):

@@ -5,23 +5,14 @@
 # %% ../nbs/07_trainer.ipynb 2
 from __future__ import annotations
 
-import argparse
-import contextlib
 import contextvars
-import csv
-import errno
-import fcntl
-import hashlib
 import importlib
-import io
 import inspect
 import json
 import logging
 import math
 import os
-import random
 import shutil
-import stat
 import sys
 import time
 from functools import partial
@@ -29,561 +20,51 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 import dwiml_nb
-from .core import (CheckpointError, ConfigError, DiskFullError, DwimlError, atomic_write, cli_parser,
-                           nearest_existing, nonnegative_int, positive_int, progress_bar, run_cli, setup_logging)
+from .checkpoint import (CHECKPOINT_FORMAT, _json_safe, check_model_state, check_same_hdf5, checkpoint_digest,
+                                 class_path, get_rng_states, load_checkpoint, relocate_hdf5, resolve_class,
+                                 sampler_spec, seed_everything, set_rng_states, source_fingerprints)
+from .contracts import check_sampler
+from .core import (CheckpointError, ConfigError, DwimlError, atomic_write, cli_parser, nonnegative_int,
+                           positive_int, progress_bar, run_cli, setup_logging)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .experiment import ExperimentLock, _lock_experiment, check_no_symlinks, experiment_paths
+from .training_logs import BATCH_COLUMNS, EPOCH_ARRAYS, EPOCH_COLUMNS, TIMING_COLUMNS, CsvLog, NullLog
+# Re-exported only (scripts and tests import them from here):
+from .checkpoint import check_checkpoint_digest, checkpoint_content_problem, loaded_subclasses  # noqa: F401
+from .experiment import WRITTEN_FOLDERS, check_experiment_name, check_experiments_path  # noqa: F401
+from .training_logs import BATCH_LOG_SCHEMA, EPOCH_LOG_SCHEMA, LogColumn  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
+# Names of the trainer's pieces, re-exported: `from dwiml_nb.trainer import X` works for all of them.
+_all_ = ['BATCH_COLUMNS', 'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA', 'TIMING_COLUMNS', 'EPOCH_ARRAYS',
+         'LogColumn', 'CsvLog', 'NullLog', 'WRITTEN_FOLDERS', 'check_experiment_name', 'check_experiments_path',
+         'experiment_paths', 'ExperimentLock', 'check_no_symlinks', 'CHECKPOINT_FORMAT', 'get_rng_states',
+         'set_rng_states', 'seed_everything', 'class_path', 'loaded_subclasses', 'resolve_class', 'load_checkpoint',
+         'checkpoint_content_problem', 'check_model_state', 'checkpoint_digest', 'check_checkpoint_digest',
+         'sampler_spec', 'source_fingerprints', 'relocate_hdf5', 'check_same_hdf5']
+
 # %% auto 0
-__all__ = ['logger', 'BATCH_COLUMNS', 'EPOCH_COLUMNS', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'OPTIMIZERS', 'CHECKPOINT_FORMAT',
-           'TRAINER_SETTINGS', 'WRITTEN_FOLDERS', 'NonFiniteLossError', 'check_experiment_name',
-           'check_experiments_path', 'experiment_paths', 'CsvLog', 'NullLog', 'get_rng_states', 'set_rng_states',
-           'seed_everything', 'class_path', 'loaded_subclasses', 'resolve_class', 'load_checkpoint',
+__all__ = ['logger', 'OPTIMIZERS', 'TRAINER_SETTINGS', 'NonFiniteLossError', 'usable_cores', 'default_torch_threads',
+           'choose_torch_threads', 'check_samplers_have_batches', 'check_trainer_settings', 'check_resume_has_work',
+           'DWIMLAbstractTrainer', 'import_user_modules', 'resume_experiment', 'resume_main', 'BATCH_COLUMNS',
+           'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'LogColumn',
+           'CsvLog', 'NullLog', 'WRITTEN_FOLDERS', 'check_experiment_name', 'check_experiments_path',
+           'experiment_paths', 'ExperimentLock', 'check_no_symlinks', 'CHECKPOINT_FORMAT', 'get_rng_states',
+           'set_rng_states', 'seed_everything', 'class_path', 'loaded_subclasses', 'resolve_class', 'load_checkpoint',
            'checkpoint_content_problem', 'check_model_state', 'checkpoint_digest', 'check_checkpoint_digest',
-           'sampler_spec', 'source_fingerprints', 'relocate_hdf5', 'check_same_hdf5', 'usable_cores',
-           'default_torch_threads', 'choose_torch_threads', 'check_samplers_have_batches', 'check_trainer_settings',
-           'check_resume_has_work', 'ExperimentLock', 'check_no_symlinks', 'DWIMLAbstractTrainer',
-           'import_user_modules', 'resume_experiment', 'resume_main']
+           'sampler_spec', 'source_fingerprints', 'relocate_hdf5', 'check_same_hdf5']
 
 # %% ../nbs/07_trainer.ipynb
-BATCH_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'weight', 'nb_streamlines', 'grad_norm',
-                 'grad_norm_clipped', 'learning_rate', 'time_s', 'streamlines_per_s', 'elapsed_s')
-EPOCH_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate',
-                 'nb_streamlines', 'best_valid_loss', 'best_epoch', 'patience_count', 'time_s',
-                 'streamlines_per_s', 'elapsed_s')
-TIMING_COLUMNS = ('time_s', 'streamlines_per_s', 'elapsed_s')
-EPOCH_ARRAYS = {'train_loss_per_epoch': 'train_loss', 'valid_loss_per_epoch': 'valid_loss',
-                'grad_norm_per_epoch': 'grad_norm', 'learning_rate_per_epoch': 'learning_rate',
-                'epoch_time_s': 'time_s'}
 OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW, 'RAdam': torch.optim.RAdam,
               'SGD': torch.optim.SGD}
 
 
 class NonFiniteLossError(DwimlError):
     "The loss became NaN or infinite: training stops, the last good checkpoint is kept."
-
-
-def check_experiment_name(experiment_name):
-    """Refuse (`ConfigError`) a name that is not one folder inside experiments_path.
-
-    An empty name, ``.``, ``..``, a name with a path separator (an absolute path included) would put
-    the experiment, or what ``overwrite`` deletes, outside its own folder.
-    """
-    name = str(experiment_name)
-    seps = [s for s in (os.sep, os.altsep, '/') if s]
-    if name in ('', '.', '..') or any(s in name for s in seps) or '\0' in name or os.path.isabs(name):
-        raise ConfigError(f'experiment name {name!r} is not a folder name: give a plain name (no path '
-                          'separator, not empty, not . or ..); the folder goes in experiments_path')
-    return name
-
-
-def check_experiments_path(experiments_path):
-    """Refuse (`ConfigError`) an experiments_path that cannot hold experiments, before any work is done.
-
-    It (or, when it does not exist yet, its nearest existing parent) must be a folder we may write in.
-    """
-    path = Path(experiments_path)
-    existing = nearest_existing(path)
-    if not existing.is_dir():
-        what = 'is not a folder' if existing == path else f"cannot be created: '{existing}' is not a folder"
-        raise ConfigError(f'experiments_path {what}', file=path)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"experiments_path cannot be written: '{existing}' is read-only for this user", file=path)
-    return path
-
-
-def experiment_paths(experiments_path, experiment_name):
-    "The files of one experiment folder (see the layout above), as a dict of `Path`s; refuses a bad name."
-    root = Path(experiments_path) / check_experiment_name(experiment_name)
-    return {'root': root, 'checkpoint': root / 'checkpoint' / 'checkpoint.pt',
-            'parameters': root / 'checkpoint' / 'parameters.json',
-            'best_model': root / 'best_model' / 'model_state.pt',
-            'last_model': root / 'last_model' / 'model_state.pt',
-            'logs': root / 'logs', 'batches_csv': root / 'logs' / 'batches.csv',
-            'epochs_csv': root / 'logs' / 'epochs.csv'}
-
-# %% ../nbs/07_trainer.ipynb
-class CsvLog:
-    """An append-only CSV file with fixed columns, flushed after every row, with a running SHA-256.
-
-    Parameters
-    ----------
-    path : path-like
-        The file; created with a header row when missing or empty.
-    columns : sequence of str
-        Column names, in order. A log that already has a header keeps its own columns (an
-        experiment started by an older version goes on without the columns added since).
-    """
-    def __init__(self, path, columns):
-        self.path, self.columns = Path(path), tuple(columns)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, 'a', newline='', encoding='utf-8')
-        self._sha256 = hashlib.sha256()
-        if self._file.tell() == 0:
-            self._write(self.columns)
-        else:
-            self._sha256 = _file_sha256(self.path, self._file.tell())   # once, when a resume reopens it
-            with open(self.path, newline='', encoding='utf-8') as f:
-                self.columns = tuple(next(csv.reader(f), None) or self.columns)
-
-    def _write(self, values):
-        line = io.StringIO()
-        csv.writer(line, lineterminator='\n').writerow(values)
-        text = line.getvalue()
-        try:
-            self._file.write(text)
-            self._file.flush()
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise DiskFullError(f'cannot be written: {os.strerror(e.errno).lower()}; the last checkpoint is '
-                                    'intact: free some space, then resume', file=self.path) from e
-            raise
-        self._sha256.update(text.encode('utf-8'))
-
-    def append(self, record):
-        "Write one row from a dict (missing columns are left empty)."
-        self._write([_csv_value(record.get(c)) for c in self.columns])
-
-    def size(self):
-        "Bytes written so far (a checkpoint stores it)."
-        return self._file.tell()
-
-    def digest(self):
-        "SHA-256 (hex) of the `size()` bytes written so far (a checkpoint stores it)."
-        return self._sha256.hexdigest()
-
-    def close(self):
-        # After a failed write the buffer still holds the row: closing flushes it and fails again.
-        # A resume cuts the log back to the checkpoint's size, so a lost partial row does no harm.
-        with contextlib.suppress(OSError):
-            self._file.close()
-
-    @staticmethod
-    def truncate(path, size, *, checkpoint=None, sha256=None):
-        """Cut `path` back to `size` bytes, after checking that they are the ones the checkpoint recorded.
-
-        A shorter file means the log lost rows the checkpoint counts; first `size` bytes whose SHA-256
-        is not `sha256` (when the checkpoint has one) mean the log was edited or replaced.
-        """
-        path = Path(path)
-        actual = path.stat().st_size if path.exists() else 0
-        if actual < size:
-            raise CheckpointError(f'log has {actual} bytes but the checkpoint {checkpoint} counts {size}: '
-                                  'it was cut or replaced after the checkpoint', file=path)
-        if sha256 is not None and _file_sha256(path, size).hexdigest() != sha256:
-            raise CheckpointError(f'log is not the one the checkpoint {checkpoint} was written with (its first {size} '
-                                  'bytes differ: it was edited or replaced): put the log of this experiment back, or '
-                                  'start a new experiment (another experiment_name, or overwrite=True)', file=path)
-        if actual > size:
-            with open(path, 'r+b') as f:
-                f.truncate(size)
-
-
-def _file_sha256(path, size):
-    "A hashlib SHA-256 object fed with the first `size` bytes of `path` (read in 1 MiB chunks)."
-    h, left = hashlib.sha256(), int(size)
-    with open(path, 'rb') as f:
-        while left > 0:
-            chunk = f.read(min(left, 1 << 20))
-            if not chunk: break
-            h.update(chunk); left -= len(chunk)
-    return h
-
-
-class NullLog:
-    "What ranks other than 0 write instead of a `CsvLog`: nothing."
-    def append(self, record): pass
-    def size(self): return 0
-    def digest(self): return None
-    def close(self): pass
-
-
-def _csv_value(v):
-    if v is None: return ''
-    if isinstance(v, float): return repr(v)
-    return v
-
-# %% ../nbs/07_trainer.ipynb
-def get_rng_states():
-    "torch, numpy and Python `random` global states, as weights_only-safe objects."
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {'torch': torch.get_rng_state(),
-            'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                      'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)},
-            'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next}}
-
-
-def set_rng_states(states):
-    "Restore what `get_rng_states` returned."
-    torch.set_rng_state(states['torch'])
-    n = states['numpy']
-    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    p = states['python']
-    random.setstate((p['version'], tuple(p['internal']), p['gauss_next']))
-
-
-def seed_everything(*entropy):
-    "Seed torch, numpy and `random` from a tuple of ints (e.g. (seed, epoch))."
-    s = int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
-    torch.manual_seed(s); np.random.seed(s); random.seed(s)
-
-# %% ../nbs/07_trainer.ipynb
-def class_path(obj_or_cls):
-    "`module:qualname` of a class (or of an object's class)."
-    cls = obj_or_cls if inspect.isclass(obj_or_cls) else type(obj_or_cls)
-    return f'{cls.__module__}:{cls.__qualname__}'
-
-
-def loaded_subclasses(base):
-    "`base` and every loaded class derived from it (recursively), as a dict ``{'module:qualname': class}``."
-    found, todo, seen = {}, [base], set()
-    while todo:
-        cls = todo.pop(0)
-        if cls in seen: continue
-        seen.add(cls)
-        found[class_path(cls)] = cls
-        with contextlib.suppress(TypeError):
-            todo.extend(cls.__subclasses__())
-    return found
-
-
-def resolve_class(path, base, what='class', file=None, resume_with=None):
-    """The loaded class named `path` (``module:qualname``) that derives from `base`; never imports anything.
-
-    Parameters
-    ----------
-    path : str
-        ``module:qualname``, as `class_path` writes it (a checkpoint's string).
-    base : type
-        Only `base` and the loaded classes derived from it are candidates: a checkpoint cannot name
-        any other callable (``subprocess:Popen``...) that we would then call with its parameters.
-    what : str
-        What the class is, for the message ('model class'...).
-    file : path-like, optional
-        The checkpoint, named in the message.
-    resume_with : str, optional
-        The trainer class whose ``init_from_checkpoint`` the message proposes.
-
-    Raises
-    ------
-    CheckpointError
-        No loaded subclass of `base` has that name.
-    """
-    path = str(path)
-    cls = loaded_subclasses(base).get(path)
-    if cls is None:
-        module = path.partition(':')[0] or 'MODULE'
-        trainer = resume_with or 'YourTrainer'
-        raise CheckpointError(f"the {what} '{path}' of the checkpoint is not a loaded subclass of "
-                              f'{base.__module__}.{base.__qualname__} (nothing a checkpoint names is imported): '
-                              f'pass --import {module} if that module of yours defines it, or resume from Python '
-                              f'with {trainer}.init_from_checkpoint', file=file)
-    return cls
-
-# %% ../nbs/07_trainer.ipynb
-CHECKPOINT_FORMAT = 1
-
-
-def _major_minor(version): return tuple(str(version).split('.')[:2])
-
-
-def load_checkpoint(experiments_path, experiment_name):
-    """Read and check the latest checkpoint of an experiment.
-
-    Returns
-    -------
-    dict
-        The checkpoint (see `DWIMLAbstractTrainer.checkpoint_dict`).
-
-    Raises
-    ------
-    CheckpointError
-        Missing, unreadable (truncated/corrupted), not a dwiml_nb checkpoint, or written by
-        another major.minor version of dwiml_nb.
-    """
-    paths = experiment_paths(experiments_path, experiment_name)
-    path = paths['checkpoint']
-    if not paths['root'].is_dir():
-        raise CheckpointError(f'no such experiment folder; {_existing_experiments(experiments_path)}',
-                              file=paths['root'])
-    if not path.exists():
-        raise CheckpointError('no checkpoint: was this experiment trained with dwiml_nb?', file=path)
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f'cannot be read, truncated or corrupted ({type(e).__name__}: {e})', file=path) from None
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT or 'model_state' not in ckpt:
-        raise CheckpointError('is not a dwiml_nb trainer checkpoint', file=path)
-    if _major_minor(ckpt.get('dwiml_nb_version')) != _major_minor(dwiml_nb.__version__):
-        raise CheckpointError(f"was written by dwiml_nb {ckpt.get('dwiml_nb_version')}, this is "
-                              f'{dwiml_nb.__version__} (major.minor differ): resume it with that version', file=path)
-    check_checkpoint_digest(ckpt, path)
-    problem = checkpoint_content_problem(ckpt)
-    if problem:
-        raise CheckpointError(f'{problem}: the checkpoint is damaged or was edited; resume from another one or '
-                              'start again', file=path)
-    return ckpt
-
-
-def _is_int(v, minimum): return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-
-def checkpoint_content_problem(ckpt):
-    """What is wrong in the content of a checkpoint that loaded safely (a short text), or '' when nothing is.
-
-    Checks the types and ranges of what a resume reads (position, counters, log sizes, best loss,
-    history, parameters), so that a damaged or edited checkpoint is refused before anything is written.
-    """
-    required = ('trainer_class', 'model_class', 'trainer_params', 'samplers', 'sampler_states', 'optimizer_state',
-                'scheduler_state', 'position', 'epoch_accumulators', 'best_valid_loss', 'best_epoch',
-                'patience_count', 'history', 'log_sizes')
-    missing = [k for k in required if k not in ckpt]
-    if missing: return f"it has no {', '.join(repr(k) for k in missing)}"
-    for key in ('trainer_class', 'model_class'):
-        if not isinstance(ckpt[key], str): return f'{key} is not a string ({type(ckpt[key]).__name__})'
-    for key in ('trainer_params', 'samplers', 'sampler_states', 'optimizer_state', 'position',
-                'epoch_accumulators', 'log_sizes'):
-        if not isinstance(ckpt[key], dict): return f'{key} is not a dict ({type(ckpt[key]).__name__})'
-    if not isinstance(ckpt.get('model_params'), (dict, type(None))): return 'model_params is not a dict'
-    if not all(isinstance(k, str) for k in ckpt['trainer_params']): return 'trainer_params has a key that is not a string'
-    position = ckpt['position']
-    for key in ('epoch', 'batches_done'):
-        if not _is_int(position.get(key), 0): return f'position.{key} is not an integer >= 0: {position.get(key)!r}'
-    for key in ('batches_csv', 'epochs_csv'):
-        if not _is_int(ckpt['log_sizes'].get(key), 0):
-            return f"log_sizes.{key} is not an integer >= 0: {ckpt['log_sizes'].get(key)!r}"
-    if not _is_int(ckpt['best_epoch'], -1): return f"best_epoch is not an integer >= -1: {ckpt['best_epoch']!r}"
-    if not _is_int(ckpt['patience_count'], 0): return f"patience_count is not an integer >= 0: {ckpt['patience_count']!r}"
-    best = ckpt['best_valid_loss']
-    if isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best):
-        return f'best_valid_loss is not a number: {best!r}'
-    if (best == math.inf) != (ckpt['best_epoch'] == -1):
-        return f"best_valid_loss {best!r} and best_epoch {ckpt['best_epoch']!r} disagree"
-    history = ckpt['history']
-    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-        return f'history is not a list of per-epoch records ({type(history).__name__})'
-    if len(history) != position['epoch']:
-        return f"history has {len(history)} epoch(s) but the position is epoch {position['epoch']}"
-    accumulators = ckpt['epoch_accumulators']
-    for key, value in accumulators.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f'epoch_accumulators.{key} is not a number: {value!r}'
-    if not isinstance(ckpt['sampler_states'].get('training'), dict): return 'sampler_states has no training state'
-    for key in ('state', 'param_groups'):
-        if key not in ckpt['optimizer_state']: return f"optimizer_state has no '{key}'"
-    prints = ckpt.get('hdf5_fingerprints', {})
-    if not isinstance(prints, dict) or not all(isinstance(k, str) and isinstance(v, (str, type(None)))
-                                               for k, v in prints.items()):
-        return f'hdf5_fingerprints is not a dict of fingerprints: {prints!r:.80}'
-    digests = ckpt.get('log_sha256', {})   # (older checkpoints have none)
-    if not isinstance(digests, dict) or not all(
-            v is None or (isinstance(v, str) and len(v) == 64) for v in digests.values()):
-        return f'log_sha256 is not a dict of SHA-256 hex digests: {digests!r:.80}'
-    return ''
-
-
-def _existing_experiments(experiments_path, limit=20):
-    "A sentence listing the experiments (folders with checkpoint/checkpoint.pt) under `experiments_path`."
-    base = Path(experiments_path)
-    if not base.is_dir():
-        return f"experiments_path '{base}' is not a folder"
-    with contextlib.suppress(OSError):
-        names = sorted(d.name for d in base.iterdir() if (d / 'checkpoint' / 'checkpoint.pt').is_file())
-        if not names:
-            return f"there is no experiment in '{base}'"
-        more = f' ... ({len(names)} in all)' if len(names) > limit else ''
-        return f"the experiments in '{base}' are: " + ', '.join(names[:limit]) + more
-    return f"'{base}' cannot be listed"
-
-
-def check_model_state(model, state, file=None):
-    "Raise a `CheckpointError` when `state`'s keys or shapes do not fit `model`."
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
-    shapes = [f'{k}: {theirs[k]} vs {own[k]}' for k in sorted(own.keys() & theirs.keys()) if own[k] != theirs[k]]
-    if missing or unexpected or shapes:
-        parts = [f'{n}: {", ".join(v[:5])}{" ..." if len(v) > 5 else ""}' for n, v in
-                 (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', shapes)) if v]
-        raise CheckpointError(f'the checkpoint is for another model ({type(model).__name__} does not fit: '
-                              + '; '.join(parts) + ')', file=file)
-
-# %% ../nbs/07_trainer.ipynb
-def checkpoint_digest(ckpt):
-    """SHA-256 (hex) of a checkpoint's content: every tensor's dtype, shape and raw bytes, every other value.
-
-    Everything but the recipe of the model (``trainer_class``, ``model_class``, ``model_params``:
-    `resolve_class` checks the names against the loaded classes and `check_model_state` the model
-    they build against the state) and the digest itself is covered. The same
-    content gives the same digest before `torch.save` and after `torch.load`.
-    """
-    h = hashlib.sha256()
-    _feed_digest(h, {k: v for k, v in ckpt.items() if k not in _UNDIGESTED})
-    return h.hexdigest()
-
-
-_UNDIGESTED = ('content_sha256', 'trainer_class', 'model_class', 'model_params')
-
-
-def _feed_digest(h, obj):
-    if torch.is_tensor(obj):
-        t = obj.detach().cpu().contiguous()
-        h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        h.update(f'D{len(obj)};'.encode())
-        for k, v in obj.items():
-            _feed_digest(h, k); _feed_digest(h, v)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f'L{len(obj)};'.encode())
-        for v in obj: _feed_digest(h, v)
-    else:
-        h.update(f'{type(obj).__name__}:{obj!r};'.encode('utf-8', 'surrogatepass'))
-
-
-def check_checkpoint_digest(ckpt, path=None):
-    """Refuse (`CheckpointError`) a checkpoint whose content does not have its recorded SHA-256.
-
-    A checkpoint of an older version has no record: it loads, with a warning.
-    """
-    recorded = ckpt.get('content_sha256')
-    if recorded is None:
-        logger.warning('%s has no checksum (written by an older dwiml_nb): its content cannot be verified', path)
-    elif recorded != checkpoint_digest(ckpt):
-        raise CheckpointError('checksum mismatch: the file was altered or damaged after it was written (its content '
-                              'no longer has the SHA-256 recorded in it); resume from a copy of it, or start again',
-                              file=path)
-
-# %% ../nbs/07_trainer.ipynb
-def _json_safe(obj):
-    "Numbers, strings, lists and dicts only (numpy scalars and arrays converted)."
-    if isinstance(obj, dict): return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray): return obj.tolist()
-    if isinstance(obj, np.generic): return obj.item()
-    if isinstance(obj, (Path, torch.device)): return str(obj)
-    return obj
-
-
-def _constructor_kwargs(cls):
-    "Names of the kwargs of `cls` after the first (the subset), following `**kwargs` up the MRO."
-    names = []
-    for klass in cls.__mro__:
-        if '__init__' not in vars(klass): continue
-        params = list(inspect.signature(klass.__init__).parameters.values())[2:]   # self, subset
-        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
-        if not any(p.kind == p.VAR_KEYWORD for p in params): break
-    return names
-
-
-def sampler_spec(sampler):
-    "How to rebuild `sampler` (class, kwargs, source data), or None."
-    if sampler is None: return None
-    params = None
-    if hasattr(sampler, 'get_params'):
-        params = sampler.get_params()
-    else:
-        names = _constructor_kwargs(type(sampler))
-        if all(hasattr(sampler, n) for n in names):
-            params = {n: getattr(sampler, n) for n in names}
-    source = getattr(sampler, 'source_data', None)
-    hdf5_file = getattr(source, 'hdf5_file', None)
-    return {'class': class_path(sampler), 'params': _json_safe(params),
-            # absolute: a resume from another working directory finds the same file
-            'source': {'hdf5_file': os.path.abspath(hdf5_file) if hdf5_file not in (None, '') else None,
-                       'set_name': getattr(source, 'set_name', None), 'lazy': bool(getattr(source, 'lazy', False))}}
-
-# %% ../nbs/07_trainer.ipynb
-def _hdf5_fingerprint(path):
-    "`dwiml_nb.dataset.hdf5_fingerprint` of `path`, or None when that function or the file is not there."
-    try:
-        from dwiml_nb.dataset import hdf5_fingerprint
-    except ImportError:
-        return None
-    try:
-        return hdf5_fingerprint(path)
-    except (DwimlError, OSError):
-        return None
-
-
-def source_fingerprints(samplers, cache=None):
-    "``{hdf5 path: fingerprint}`` of the samplers' sources (`sampler_spec` dicts); `cache` keeps them between calls."
-    cache = {} if cache is None else cache
-    found = {}
-    for spec in samplers.values():
-        path = spec['source']['hdf5_file'] if spec else None
-        if not path: continue
-        if path not in cache: cache[path] = _hdf5_fingerprint(path)
-        found[path] = cache[path]
-    return found
-
-
-def relocate_hdf5(ckpt, hdf5_file=None, accept_changed_hdf5=False, file=None):
-    """The checkpoint's sampler specs, with the HDF5 file moved to `hdf5_file` (when given) and checked.
-
-    Parameters
-    ----------
-    ckpt : dict
-        A checkpoint (`load_checkpoint`).
-    hdf5_file : path-like, optional
-        Where the checkpoint's HDF5 file (``ckpt['hdf5_file']``) is now.
-    accept_changed_hdf5 : bool
-        Resume on a file whose fingerprint differs from the checkpoint's (with a warning).
-    file : path-like, optional
-        The checkpoint, named in messages.
-
-    Raises
-    ------
-    CheckpointError
-        The file is not there, or it changed since the checkpoint (and that is not accepted).
-    """
-    samplers = {role: None if spec is None else {**spec, 'source': dict(spec['source'])}
-                for role, spec in ckpt['samplers'].items()}
-    recorded = ckpt.get('hdf5_fingerprints') or {}
-    for spec in samplers.values():
-        source = spec and spec['source']
-        if not source or not source.get('hdf5_file'): continue
-        original = source['hdf5_file']
-        if hdf5_file is not None and original == ckpt.get('hdf5_file'):
-            source['hdf5_file'] = os.path.abspath(hdf5_file)
-        path, expected = source['hdf5_file'], recorded.get(original)
-        if expected is None and hdf5_file is None: continue   # (an older checkpoint: nothing recorded)
-        if not Path(path).is_file():
-            raise CheckpointError(f"the HDF5 file '{path}' of the checkpoint is not there (moved?): pass --hdf5_file "
-                                  'PATH (hdf5_file=) to say where it is now', file=file)
-        now = _hdf5_fingerprint(path)
-        if expected is not None and now != expected:
-            if not accept_changed_hdf5:
-                raise CheckpointError(f"the HDF5 file '{path}' changed since the checkpoint (rebuilt?): its fingerprint "
-                                      f'is {now}, the checkpoint recorded {expected}; pass --accept_changed_hdf5 '
-                                      '(accept_changed_hdf5=True) to resume anyway', file=file)
-            logger.warning('resuming on %s although it changed since the checkpoint (fingerprint %s, was %s)',
-                           path, now, expected)
-    return samplers
-
-
-def check_same_hdf5(ckpt, training_sampler, accept_changed_hdf5=False, file=None):
-    """Refuse (`CheckpointError`) a training sampler whose HDF5 file is not the checkpoint's (another fingerprint).
-
-    For resumes from Python (`DWIMLAbstractTrainer.init_from_checkpoint`), where the user builds the
-    samplers: the file may have moved, but its fingerprint must be the one recorded.
-    """
-    expected = (ckpt.get('hdf5_fingerprints') or {}).get(ckpt.get('hdf5_file'))
-    spec = sampler_spec(training_sampler)
-    path = spec['source']['hdf5_file'] if spec else None
-    if expected is None or not path: return
-    now = _hdf5_fingerprint(path)
-    if now is None or now == expected: return
-    if not accept_changed_hdf5:
-        raise CheckpointError(f"the training sampler reads '{path}', whose fingerprint {now} is not the checkpoint's "
-                              f"{expected} (the HDF5 file changed since the checkpoint, rebuilt?, or it is another "
-                              'file): pass accept_changed_hdf5=True to resume anyway', file=file)
-    logger.warning('resuming on %s although it changed since the checkpoint (fingerprint %s, was %s)', path, now, expected)
 
 # %% ../nbs/07_trainer.ipynb
 def usable_cores():
@@ -616,50 +97,22 @@ def choose_torch_threads(num_threads=None, num_workers=0):
     return default_torch_threads(num_workers), f'auto: {usable_cores()} cores, {num_workers} DataLoader workers'
 
 # %% ../nbs/07_trainer.ipynb
-def _seed_worker(seed, epoch, worker_id):
-    # load_batch derives its RNG from (seed, epoch, batch_index); this only makes any other
-    # torch randomness inside a worker reproducible.
-    torch.manual_seed(_derived_seed(seed, epoch, worker_id))
-
-
-def _derived_seed(*entropy):
-    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
-
-
-def _step(batch):
-    "Position of a batch in the plan this process runs (``batch_index`` for samplers without ``step``)."
-    step = getattr(batch, 'step', None)
-    return int(batch.batch_index if step is None else step)
-
-# %% ../nbs/07_trainer.ipynb
-def _source_name(sampler):
-    source = getattr(sampler, 'source_data', None)
-    return getattr(source, 'set_name', None) or '?', getattr(source, 'hdf5_file', None) or None
-
-
 def check_samplers_have_batches(training, validation=None):
     """Refuse (`ConfigError`) a sampler that plans no batch, naming the sampler and its subset.
 
     Parameters
     ----------
     training, validation : sampler or None
-        Samplers following the `dwiml_nb.sampler` contract (``len(sampler)`` batches per epoch).
+        Samplers following the `dwiml_nb.contracts` protocols (``len(sampler)`` batches per epoch).
     """
     for role, sampler in (('training', training), ('validation', validation)):
-        if sampler is None: continue
-        try:
-            nb_batches = len(sampler)
-        except TypeError:   # a sampler without len(): nothing to check here
-            continue
-        if nb_batches == 0:
-            set_name, hdf5_file = _source_name(sampler)
-            fix = (' or train without validation (batch_sampler_validation=None)' if role == 'validation'
-                   else '')
-            raise ConfigError(f'the {role} sampler ({class_path(sampler)}) plans 0 batches: its {set_name} subset has '
-                              f'no streamline; put subjects with streamlines in the {set_name} set{fix}',
-                              file=hdf5_file)
-
-
+        if sampler is None or len(sampler) > 0: continue
+        source = sampler.source_data
+        set_name = source.set_name or '?'
+        fix = ' or train without validation (batch_sampler_validation=None)' if role == 'validation' else ''
+        raise ConfigError(f'the {role} sampler ({class_path(sampler)}) plans 0 batches: its {set_name} subset has '
+                          f'no streamline; put subjects with streamlines in the {set_name} set{fix}',
+                          file=source.hdf5_file or None)
 # name: (integer?, minimum, minimum excluded?, None accepted?)
 TRAINER_SETTINGS = {'max_epochs': (True, 0, True, False), 'learning_rate': (False, 0, True, False),
                     'weight_decay': (False, 0, False, False), 'seed': (True, None, False, False),
@@ -696,139 +149,20 @@ def check_resume_has_work(epochs_done, max_epochs, patience_count=0, patience=No
                           f'{patience_count} to train further', file=file)
 
 # %% ../nbs/07_trainer.ipynb
-class ExperimentLock:
-    """An exclusive, non-blocking lock on an experiment folder: ``<experiment>/.lock`` (`fcntl.flock`).
-
-    Use it as a context manager, or `acquire` / `release`. A second holder, in this process or another,
-    gets a `ConfigError` at once naming the pid that holds it.
-    """
-    def __init__(self, root):
-        self.root = Path(root)
-        self.path = self.root / '.lock'
-        self._fd = None
-
-    def acquire(self):
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, flags, 0o644)
-            except OSError as e:
-                why = 'is a symbolic link' if e.errno == errno.ELOOP else f'cannot be opened ({e.strerror or e})'
-                raise ConfigError(f'{why}: the experiment folder cannot be locked', file=self.path) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = _read_pid(fd)
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES): raise
-                raise ConfigError(f"another process{f' (pid {holder})' if holder else ''} is training this experiment "
-                                  f'(it holds {self.path.name}): wait for it to end or stop it; two trainers in one '
-                                  'folder would mix their logs and checkpoints', file=self.root) from None
-            if _same_file(self.path, fd): break
-            os.close(fd)   # the file we locked was removed by its previous holder: lock the new one
-        else:
-            raise ConfigError('keeps being replaced: the experiment folder cannot be locked', file=self.path)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
-        self._fd = fd
-        _HELD_LOCKS.add(fd)
-        return self
-
-    def release(self):
-        if self._fd is None: return
-        fd, self._fd = self._fd, None
-        _HELD_LOCKS.discard(fd)
-        with contextlib.suppress(OSError):
-            if _same_file(self.path, fd): os.unlink(self.path)
-        os.close(fd)   # closing releases the flock
-
-    def __enter__(self): return self.acquire()
-
-    def __exit__(self, *exc): self.release()
+def _seed_worker(seed, epoch, worker_id):
+    # load_batch derives its RNG from (seed, epoch, batch_index); this only makes any other
+    # torch randomness inside a worker reproducible.
+    torch.manual_seed(_derived_seed(seed, epoch, worker_id))
 
 
-# A forked child (a DataLoader worker) would share the lock and keep it after a killed trainer:
-# children close their copy at once, so the lock lives exactly as long as the trainer's process.
-_HELD_LOCKS = set()
+def _derived_seed(*entropy):
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
 
-def _close_held_locks():
-    for fd in list(_HELD_LOCKS):
-        with contextlib.suppress(OSError): os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_held_locks)
-
-
-def _same_file(path, fd):
-    try:
-        a, b = os.stat(path, follow_symlinks=False), os.fstat(fd)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _read_pid(fd):
-    with contextlib.suppress(OSError, ValueError):
-        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-    return None
-
-
-def _lock_experiment(paths):
-    "The held `ExperimentLock` of an experiment with no symbolic link inside, or (problem, file) when refused."
-    try:
-        lock = ExperimentLock(paths['root']).acquire()
-    except ConfigError as e:
-        return (e.problem, None if e.file is None else str(e.file))
-    try:
-        check_no_symlinks(paths)
-    except ConfigError as e:
-        lock.release()
-        return (e.problem, None if e.file is None else str(e.file))
-    return lock
-
-# %% ../nbs/07_trainer.ipynb
-WRITTEN_FOLDERS = ('checkpoint', 'best_model', 'last_model', 'logs')
-
-
-def check_no_symlinks(paths):
-    """Refuse (`ConfigError`) a symbolic link among the folders and files a trainer writes in an experiment.
-
-    `paths` is `experiment_paths`' dict. Checked with `os.lstat` (the link itself, never its target).
-    """
-    root = paths['root']
-    candidates = [root / '.lock', *(root / d for d in WRITTEN_FOLDERS),
-                  *(paths[k] for k in ('checkpoint', 'parameters', 'best_model', 'last_model', 'batches_csv',
-                                       'epochs_csv')),
-                  *(paths['logs'] / f'{name}.npy' for name in EPOCH_ARRAYS)]
-    for path in candidates:
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:   # missing (or under a missing folder): nothing to follow
-            continue
-        if stat.S_ISLNK(mode):
-            raise ConfigError('is a symbolic link inside the experiment folder: the trainer writes, appends to, '
-                              'truncates and deletes these files in place and would change what the link points '
-                              'to; replace the link with a real folder or file', file=path)
-
-# %% ../nbs/07_trainer.ipynb
+# True while init_from_checkpoint builds a trainer: then the experiment folder is kept as it is.
 _RESUMING = contextvars.ContextVar('dwiml_trainer_resuming', default=False)
 
-
-def _accepted_kwargs(cls):
-    "Names of the keyword arguments `cls(...)` accepts (every name when it takes ``**kwargs``)."
-    names = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get('__init__')
-        if init is None: continue
-        params = inspect.signature(init).parameters.values()
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return names   # this __init__ is the last one the arguments reach
-    return None   # **kwargs all the way: any name may be right
-
-
+# %% ../nbs/07_trainer.ipynb
 class DWIMLAbstractTrainer:
     """Train a model on batches from dwiml_nb batch samplers, with logs, checkpoints and exact resume.
 
@@ -840,8 +174,9 @@ class DWIMLAbstractTrainer:
     experiments_path, experiment_name : str or Path
         Everything is written in ``experiments_path/experiment_name`` (see `experiment_paths`).
     batch_sampler_training, batch_sampler_validation : AbstractBatchSampler
-        Samplers following the `dwiml_nb.sampler` contract; validation may be None (then the
-        best model is chosen on the training loss).
+        Samplers following the `dwiml_nb.contracts` protocols (`BatchPlanner` and `BatchLoader`,
+        checked with `check_sampler`); validation may be None (then the best model is chosen on
+        the training loss).
     optimizer : {'Adam', 'AdamW', 'RAdam', 'SGD'}
     learning_rate, weight_decay : float
     lr_scheduler : dict or None
@@ -896,6 +231,8 @@ class DWIMLAbstractTrainer:
         if not isinstance(overwrite, (bool, np.bool_)):
             raise ConfigError(f'overwrite must be True or False, got {overwrite!r} ({type(overwrite).__name__}): a '
                               "text like 'false' would count as true and delete the experiment")
+        check_sampler(batch_sampler_training, 'training')
+        if batch_sampler_validation is not None: check_sampler(batch_sampler_validation, 'validation')
         check_samplers_have_batches(batch_sampler_training, batch_sampler_validation)
         self.distributed = init_distributed()
         device = torch.device(device)
@@ -943,504 +280,564 @@ class DWIMLAbstractTrainer:
         "The loss of one batch: a scalar tensor, or `(loss, n)` with n the batch's weight. Child classes implement it."
         raise NotImplementedError('a DWIMLAbstractTrainer child class implements compute_batch_loss(data, is_training)')
 
-    def get_params(self):
-        "The trainer's parameters (JSON-able), stored in checkpoints; children add their own kwargs."
-        return {'optimizer': self.optimizer_name, 'learning_rate': self.learning_rate,
-                'weight_decay': self.weight_decay, 'lr_scheduler': self.lr_scheduler_spec,
-                'max_epochs': self.max_epochs, 'max_batches_per_epoch_training': self.max_batches_per_epoch_training,
-                'max_batches_per_epoch_validation': self.max_batches_per_epoch_validation,
-                'patience': self.patience, 'patience_delta': self.patience_delta, 'clip_grad': self.clip_grad,
-                'num_workers': self.num_workers, 'device': str(self.device), 'seed': self.seed,
-                'checkpoint_every_n_batches': self.checkpoint_every_n_batches, 'num_threads': self.num_threads}
-
-    def _make_scheduler(self):
-        if not self.lr_scheduler_spec: return None
-        spec = dict(self.lr_scheduler_spec)
-        name = spec.pop('name', None)
-        cls = getattr(torch.optim.lr_scheduler, str(name), None)
-        if not inspect.isclass(cls):
-            raise ConfigError(f"lr_scheduler name '{name}' is not a class of torch.optim.lr_scheduler")
-        return cls(self.optimizer, **spec)
-
-    @property
-    def is_main_process(self):
-        "True on rank 0 (the only process that writes files), and in a single process."
-        return self.distributed.is_main_process
-
-    def _check_samplers_are_sharded(self):
-        "Under torch.distributed, each sampler must run this rank's share of the plan."
-        rank, world_size = self.distributed.rank, self.distributed.world_size
-        for role, sampler in (('training', self.batch_sampler_training), ('validation', self.batch_sampler_validation)):
-            if sampler is None: continue
-            theirs = (getattr(sampler, 'rank', 0), getattr(sampler, 'world_size', 1))
-            if theirs != (rank, world_size):
-                raise ConfigError(f'the {role} sampler ({class_path(sampler)}) runs the share of rank {theirs[0]} of '
-                                  f'{theirs[1]} processes, but this process is rank {rank} of {world_size}: build the '
-                                  'samplers with rank/world_size left to their defaults (a sampler without '
-                                  'rank/world_size cannot be shared between processes)')
-
-    def _prepare_experiment_folder(self, overwrite):
-        root = self.paths['root']
-        produced = [root / n for n in ('checkpoint', 'best_model', 'last_model', 'logs')]
-        refused = None
-        if self.is_main_process and any(os.path.lexists(p) for p in produced):
-            if not overwrite:
-                refused = ('the experiment folder already exists: pass overwrite=True to start again, or '
-                           'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
-                           'dwiml_resume_training_from_checkpoint)', str(root))
-            else:
-                try:
-                    check_no_symlinks(self.paths)
-                    with ExperimentLock(root):   # never delete under a running trainer
-                        for p in produced: shutil.rmtree(p, ignore_errors=True)
-                except ConfigError as e:
-                    refused = (e.problem, None if e.file is None else str(e.file))
-        # Rank 0 decides for all: every rank refuses together, none waits forever at a barrier.
-        refused = broadcast_object(refused)
-        if refused is not None:
-            raise ConfigError(refused[0], file=refused[1])
-        if self.is_main_process:
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f'the experiment folder cannot be created ({e.strerror or e})', file=root) from None
+# %% ../nbs/07_trainer.ipynb
+@patch
+def _check_samplers_are_sharded(self: DWIMLAbstractTrainer):
+    "Under torch.distributed, each sampler must run this rank's share of the plan."
+    rank, world_size = self.distributed.rank, self.distributed.world_size
+    for role, sampler in (('training', self.batch_sampler_training), ('validation', self.batch_sampler_validation)):
+        if sampler is None: continue
+        if (sampler.rank, sampler.world_size) != (rank, world_size):
+            raise ConfigError(f'the {role} sampler ({class_path(sampler)}) runs the share of rank {sampler.rank} of '
+                              f'{sampler.world_size} processes, but this process is rank {rank} of {world_size}: '
+                              'build the samplers with rank/world_size left to their defaults')
 
 
-    @staticmethod
-    def _new_accumulators():
-        return {'loss_sum': 0.0, 'weight_sum': 0.0, 'grad_norm_sum': 0.0, 'grad_norm_clipped_sum': 0.0,
-                'nb_batches': 0, 'nb_streamlines': 0, 'time_s': 0.0}
-
-    # ---- the loop -------------------------------------------------------------------------
-    def train_and_validate(self):
-        """Train from where the trainer stands (epoch 0, or the checkpoint's position) to `max_epochs`.
-
-        Returns
-        -------
-        list of dict
-            One record per finished epoch (the rows of logs/epochs.csv).
-
-        Raises
-        ------
-        ConfigError
-            Another process trains this experiment (`ExperimentLock`), or a symbolic link is inside it.
-        """
-        lock = _lock_experiment(self.paths) if self.is_main_process else None
-        refused = broadcast_object(lock if isinstance(lock, tuple) else None)
-        if refused is not None:
-            raise ConfigError(refused[0], file=refused[1])
-        try:
-            return self._train_and_validate()
-        finally:
-            if lock is not None: lock.release()
-
-    def _train_and_validate(self):
-        if self.is_main_process:
-            if self.resumed_from_checkpoint:
-                for key in ('batches_csv', 'epochs_csv'):
-                    CsvLog.truncate(self.paths[key], self._log_sizes[key], checkpoint=self.paths['checkpoint'],
-                                    sha256=self._log_digests.get(key))
-            self._batch_log = CsvLog(self.paths['batches_csv'], BATCH_COLUMNS)
-            self._epoch_log = CsvLog(self.paths['epochs_csv'], EPOCH_COLUMNS)
+@patch
+def _prepare_experiment_folder(self: DWIMLAbstractTrainer, overwrite):
+    root = self.paths['root']
+    produced = [root / n for n in ('checkpoint', 'best_model', 'last_model', 'logs')]
+    refused = None
+    if self.is_main_process and any(os.path.lexists(p) for p in produced):
+        if not overwrite:
+            refused = ('the experiment folder already exists: pass overwrite=True to start again, or '
+                       'resume it (DWIMLAbstractTrainer.init_from_checkpoint / '
+                       'dwiml_resume_training_from_checkpoint)', str(root))
         else:
-            self._batch_log, self._epoch_log = NullLog(), NullLog()
-        epochs_bar = progress_bar(total=self.max_epochs, initial=min(self.epoch, self.max_epochs), desc='epochs',
-                                  disable=not self._show_progress)
-        threads_before = torch.get_num_threads()
-        threads, why = choose_torch_threads(self.num_threads, self.num_workers)
-        if threads is not None: torch.set_num_threads(threads)
-        if self.is_main_process: logger.info('training with %d torch threads (%s)', torch.get_num_threads(), why)
-        began = False
+            try:
+                check_no_symlinks(self.paths)
+                with ExperimentLock(root):   # never delete under a running trainer
+                    for p in produced: shutil.rmtree(p, ignore_errors=True)
+            except ConfigError as e:
+                refused = (e.problem, None if e.file is None else str(e.file))
+    # Rank 0 decides for all: every rank refuses together, none waits forever at a barrier.
+    refused = broadcast_object(refused)
+    if refused is not None:
+        raise ConfigError(refused[0], file=refused[1])
+    if self.is_main_process:
         try:
-            self._call('on_train_begin'); began = True
-            while self.epoch < self.max_epochs and not self._patience_exhausted():
-                self._train_one_epoch()
-                valid_loss = self._validate_one_epoch()
-                self._end_epoch(valid_loss)
-                epochs_bar.update()
-            if self._patience_exhausted() and self.is_main_process:
-                logger.info('early stopping: no improvement of more than %g for %d epochs (best epoch %d, loss %g)',
-                            self.patience_delta, self.patience_count, self.best_epoch, self.best_valid_loss)
-        finally:
-            epochs_bar.close()
-            self._batch_log.close(); self._epoch_log.close()
-            torch.set_num_threads(threads_before)
-            # Also after an error or an interrupt: a live chart turns into its saved picture, trackers close.
-            if began: self._call_on_train_end()
-        return self.history
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f'the experiment folder cannot be created ({e.strerror or e})', file=root) from None
 
-    def _call_on_train_end(self):
-        failing = sys.exc_info()[0] is not None
-        try:
-            self._call('on_train_end')
-        except Exception:
-            if not failing: raise
-            logger.exception('a callback failed in on_train_end (after training stopped on an error)')
 
-    def _patience_exhausted(self):
-        return self.patience is not None and self.patience_count >= self.patience
+@patch
+def get_params(self: DWIMLAbstractTrainer):
+    "The trainer's parameters (JSON-able), stored in checkpoints; children add their own kwargs."
+    return {'optimizer': self.optimizer_name, 'learning_rate': self.learning_rate,
+            'weight_decay': self.weight_decay, 'lr_scheduler': self.lr_scheduler_spec,
+            'max_epochs': self.max_epochs, 'max_batches_per_epoch_training': self.max_batches_per_epoch_training,
+            'max_batches_per_epoch_validation': self.max_batches_per_epoch_validation,
+            'patience': self.patience, 'patience_delta': self.patience_delta, 'clip_grad': self.clip_grad,
+            'num_workers': self.num_workers, 'device': str(self.device), 'seed': self.seed,
+            'checkpoint_every_n_batches': self.checkpoint_every_n_batches, 'num_threads': self.num_threads}
 
-    @property
-    def _show_progress(self): return self.progress and self.is_main_process
 
-    def _call(self, event, *args):
-        for callback in self.callbacks:
-            if not (self.is_main_process or getattr(callback, 'all_ranks', False)): continue
-            method = getattr(callback, event, None)
-            if method is not None: method(self, *args)
+@patch
+def _make_scheduler(self: DWIMLAbstractTrainer):
+    if not self.lr_scheduler_spec: return None
+    spec = dict(self.lr_scheduler_spec)
+    name = spec.pop('name', None)
+    cls = getattr(torch.optim.lr_scheduler, str(name), None)
+    if not inspect.isclass(cls):
+        raise ConfigError(f"lr_scheduler name '{name}' is not a class of torch.optim.lr_scheduler")
+    return cls(self.optimizer, **spec)
 
-    def _start_sampler_epoch(self, sampler, epoch, next_batch=0, saved_state=None):
-        """Put `sampler` at batch `next_batch` of `epoch`; return the number of batches of the epoch we run.
 
-        `set_epoch` alone may keep a position left mid-epoch (a loop that stopped early), so the
-        position is always loaded explicitly.
-        """
-        sampler.set_epoch(epoch)
-        state = {**sampler.state_dict(), **(saved_state or {}), 'epoch': epoch, 'next_batch': next_batch}
-        sampler.load_state_dict(state)
-        n = len(sampler)
-        limit = (self.max_batches_per_epoch_training if sampler is self.batch_sampler_training
-                 else self.max_batches_per_epoch_validation)
-        return n if limit is None else min(n, int(limit))
+@patch(as_prop=True)
+def is_main_process(self: DWIMLAbstractTrainer):
+    "True on rank 0 (the only process that writes files), and in a single process."
+    return self.distributed.is_main_process
 
-    def _make_loader(self, sampler, epoch, phase):
-        # Our own generator: a DataLoader iterator draws its base seed from it, not from the
-        # global torch RNG that the model's dropout uses.
-        generator = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, phase == 'valid'))
-        loader = torch.utils.data.DataLoader(
-            sampler.source_data, batch_sampler=sampler, collate_fn=sampler.load_batch,
-            num_workers=self.num_workers, persistent_workers=False, generator=generator,
-            worker_init_fn=partial(_seed_worker, self.seed, epoch) if self.num_workers else None)
-        # A sampler may leave part of a batch to the main process (inputs_in_workers=False: the
-        # interpolation runs here, possibly on the GPU, instead of in the workers).
-        complete = getattr(sampler, 'add_inputs', None)
-        return loader if complete is None else map(complete, loader)
+# %% ../nbs/07_trainer.ipynb
+@patch
+def _start_sampler_epoch(self: DWIMLAbstractTrainer, sampler, epoch, next_batch=0, saved_state=None):
+    """Put `sampler` at batch `next_batch` of `epoch`; return the number of batches of the epoch we run.
 
-    def _loss_and_weight(self, result, data):
-        loss, weight = result if isinstance(result, tuple) else (result, len(data))
-        return loss, float(weight)
+    `set_epoch` alone may keep a position left mid-epoch (a loop that stopped early), so the
+    position is always loaded explicitly.
+    """
+    sampler.set_epoch(epoch)
+    state = {**sampler.state_dict(), **(saved_state or {}), 'epoch': epoch, 'next_batch': next_batch}
+    sampler.load_state_dict(state)
+    n = len(sampler)
+    limit = (self.max_batches_per_epoch_training if sampler is self.batch_sampler_training
+             else self.max_batches_per_epoch_validation)
+    return n if limit is None else min(n, int(limit))
 
-    def _check_finite(self, value, phase, batch_index):
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f'{phase} loss is {value} at epoch {self.epoch}, batch {batch_index}: training stopped; the last '
-                'good checkpoint is untouched (resume from it with a lower learning rate or clip_grad)',
-                file=self.paths['root'])
 
-    def _train_one_epoch(self):
-        sampler, epoch = self.batch_sampler_training, self.epoch
-        if self.batches_done == 0:
-            n_batches = self._start_sampler_epoch(sampler, epoch)
-            seed_everything(self.seed, epoch, *self._rank_entropy())
-            self._accumulators = self._new_accumulators()
-        else:   # resuming in the middle of the epoch; RNG states came from the checkpoint
-            n_batches = self._start_sampler_epoch(sampler, epoch, self.batches_done, self._resume_sampler_state)
-        self.model.train()
-        bar = progress_bar(total=n_batches, initial=self.batches_done, desc=f'epoch {epoch} training', leave=False,
-                   disable=not self._show_progress)
-        try:
-            if self.batches_done >= n_batches: return
+@patch
+def _make_loader(self: DWIMLAbstractTrainer, sampler, epoch, phase):
+    # Our own generator: a DataLoader iterator draws its base seed from it, not from the
+    # global torch RNG that the model's dropout uses.
+    generator = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, phase == 'valid'))
+    loader = torch.utils.data.DataLoader(
+        sampler.source_data, batch_sampler=sampler, collate_fn=sampler.load_batch,
+        num_workers=self.num_workers, persistent_workers=False, generator=generator,
+        worker_init_fn=partial(_seed_worker, self.seed, epoch) if self.num_workers else None)
+    # A loader may leave part of a batch to the main process (inputs_in_workers=False: the
+    # interpolation runs here, possibly on the GPU, instead of in the workers).
+    return map(sampler.add_inputs, loader)
+
+
+@patch
+def _loss_and_weight(self: DWIMLAbstractTrainer, result, data):
+    loss, weight = result if isinstance(result, tuple) else (result, len(data))
+    return loss, float(weight)
+
+
+@patch
+def _check_finite(self: DWIMLAbstractTrainer, value, phase, batch_index):
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f'{phase} loss is {value} at epoch {self.epoch}, batch {batch_index}: training stopped; the last '
+            'good checkpoint is untouched (resume from it with a lower learning rate or clip_grad)',
+            file=self.paths['root'])
+
+
+@patch(as_prop=True)
+def _show_progress(self: DWIMLAbstractTrainer): return self.progress and self.is_main_process
+
+
+@patch
+def _call(self: DWIMLAbstractTrainer, event, *args):
+    for callback in self.callbacks:
+        if not (self.is_main_process or getattr(callback, 'all_ranks', False)): continue
+        method = getattr(callback, event, None)
+        if method is not None: method(self, *args)
+
+
+@patch
+def _train_one_epoch(self: DWIMLAbstractTrainer):
+    sampler, epoch = self.batch_sampler_training, self.epoch
+    if self.batches_done == 0:
+        n_batches = self._start_sampler_epoch(sampler, epoch)
+        seed_everything(self.seed, epoch, *self._rank_entropy())
+        self._accumulators = self._new_accumulators()
+    else:   # resuming in the middle of the epoch; RNG states came from the checkpoint
+        n_batches = self._start_sampler_epoch(sampler, epoch, self.batches_done, self._resume_sampler_state)
+    self.model.train()
+    bar = progress_bar(total=n_batches, initial=self.batches_done, desc=f'epoch {epoch} training', leave=False,
+               disable=not self._show_progress)
+    try:
+        if self.batches_done >= n_batches: return
+        last = time.perf_counter()
+        for data in self._make_loader(sampler, epoch, 'train'):
+            step = data.step
+            if step != self.batches_done:
+                raise RuntimeError(f'the training sampler gave batch {step} of epoch {epoch} where '
+                                   f'batch {self.batches_done} was expected (sampler contract broken)')
+            record = self._train_batch(data)
+            self.batches_done = step + 1
+            now = time.perf_counter()
+            self.elapsed_s += now - last
+            record.update(time_s=now - last, streamlines_per_s=record['nb_streamlines'] / max(now - last, 1e-12),
+                          elapsed_s=self.elapsed_s)
+            last = now
+            self._accumulators['time_s'] += record['time_s']
+            self._batch_log.append(record)
+            bar.update(); bar.set_postfix(loss=f"{record['loss']:.4g}")
+            if (self.checkpoint_every_n_batches and self.batches_done < n_batches
+                    and self.batches_done % self.checkpoint_every_n_batches == 0):
+                self.save_checkpoint()
+            self._call('on_batch_end', record)
+            if self.batches_done >= n_batches: break
+    finally:
+        bar.close()
+
+# %% ../nbs/07_trainer.ipynb
+@patch
+def _train_batch(self: DWIMLAbstractTrainer, data):
+    data = data.to(self.device) if hasattr(data, 'to') else data
+    self.optimizer.zero_grad(set_to_none=True)
+    loss, weight = self._loss_and_weight(self.compute_batch_loss(data, True), data)
+    value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss.detach()), weight, len(data))
+    self._check_finite(value, 'training', data.step)
+    loss.backward()
+    grads = [p.grad for p in self.unwrapped_model.parameters() if p.grad is not None]
+    if self.clip_grad:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.unwrapped_model.parameters() if p.grad is not None], self.clip_grad))
+        grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
+    else:
+        grad_norm = grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
+    learning_rate = float(self.optimizer.param_groups[0]['lr'])
+    self.optimizer.step()
+    acc = self._accumulators
+    acc['loss_sum'] += weighted; acc['weight_sum'] += weight
+    acc['grad_norm_sum'] += grad_norm; acc['grad_norm_clipped_sum'] += grad_norm_clipped
+    acc['nb_batches'] += 1; acc['nb_streamlines'] += nb_streamlines
+    return {'epoch': self.epoch, 'batch': data.step, 'phase': 'train', 'loss': value,
+            'weight': weight, 'nb_streamlines': nb_streamlines, 'grad_norm': grad_norm,
+            'grad_norm_clipped': grad_norm_clipped, 'learning_rate': learning_rate}
+
+
+@patch
+def _reduce_loss(self: DWIMLAbstractTrainer, value, weight, nb_streamlines):
+    """(mean loss, loss × weight, weight, nb_streamlines) of one step over all ranks.
+
+    In a single process: the batch's own numbers, untouched (bitwise as before).
+    """
+    if not self.distributed.is_distributed:
+        return value, value * weight, weight, nb_streamlines
+    weighted, weight, nb_streamlines = all_reduce_sum([value * weight, weight, nb_streamlines])
+    return weighted / weight if weight else math.nan, weighted, weight, int(nb_streamlines)
+
+
+@patch
+def _rank_entropy(self: DWIMLAbstractTrainer):
+    "Extra seed entropy of this rank: none in a single process (runs stay bitwise as before)."
+    return (self.distributed.rank,) if self.distributed.is_distributed else ()
+
+
+@patch
+def _new_accumulators(self: DWIMLAbstractTrainer):
+    return {'loss_sum': 0.0, 'weight_sum': 0.0, 'grad_norm_sum': 0.0, 'grad_norm_clipped_sum': 0.0,
+            'nb_batches': 0, 'nb_streamlines': 0, 'time_s': 0.0}
+
+# %% ../nbs/07_trainer.ipynb
+@patch
+def _validate_one_epoch(self: DWIMLAbstractTrainer):
+    "Mean validation loss of this epoch (no backprop, model in eval mode); None without a validation sampler."
+    sampler, epoch = self.batch_sampler_validation, self.epoch
+    if sampler is None: return None
+    n_batches = self._start_sampler_epoch(sampler, epoch)
+    loss_sum = weight_sum = 0.0
+    self.model.eval()
+    bar = progress_bar(total=n_batches, desc=f'epoch {epoch} validation', leave=False, disable=not self._show_progress)
+    try:
+        with torch.no_grad():
             last = time.perf_counter()
-            for data in self._make_loader(sampler, epoch, 'train'):
-                step = _step(data)
-                if step != self.batches_done:
-                    raise RuntimeError(f'the training sampler gave batch {step} of epoch {epoch} where '
-                                       f'batch {self.batches_done} was expected (sampler contract broken)')
-                record = self._train_batch(data)
-                self.batches_done = step + 1
+            for i, data in enumerate(self._make_loader(sampler, epoch, 'valid')):
+                if i >= n_batches: break
+                data = data.to(self.device) if hasattr(data, 'to') else data
+                loss, weight = self._loss_and_weight(self.compute_batch_loss(data, False), data)
+                value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss), weight, len(data))
+                self._check_finite(value, 'validation', data.step)
+                loss_sum += weighted; weight_sum += weight
                 now = time.perf_counter()
                 self.elapsed_s += now - last
-                record.update(time_s=now - last, streamlines_per_s=record['nb_streamlines'] / max(now - last, 1e-12),
-                              elapsed_s=self.elapsed_s)
+                self._batch_log.append({'epoch': epoch, 'batch': data.step, 'phase': 'valid',
+                                        'loss': value, 'weight': weight, 'nb_streamlines': nb_streamlines,
+                                        'time_s': now - last,
+                                        'streamlines_per_s': nb_streamlines / max(now - last, 1e-12),
+                                        'elapsed_s': self.elapsed_s})
                 last = now
-                self._accumulators['time_s'] += record['time_s']
-                self._batch_log.append(record)
-                bar.update(); bar.set_postfix(loss=f"{record['loss']:.4g}")
-                if (self.checkpoint_every_n_batches and self.batches_done < n_batches
-                        and self.batches_done % self.checkpoint_every_n_batches == 0):
-                    self.save_checkpoint()
-                self._call('on_batch_end', record)
-                if self.batches_done >= n_batches: break
-        finally:
-            bar.close()
+                bar.update()
+    finally:
+        bar.close()
+        self.model.train()
+    return loss_sum / weight_sum if weight_sum else math.nan
 
-    def _train_batch(self, data):
-        data = data.to(self.device) if hasattr(data, 'to') else data
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, weight = self._loss_and_weight(self.compute_batch_loss(data, True), data)
-        value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss.detach()), weight, len(data))
-        self._check_finite(value, 'training', _step(data))
-        loss.backward()
-        grads = [p.grad for p in self.unwrapped_model.parameters() if p.grad is not None]
-        if self.clip_grad:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.unwrapped_model.parameters() if p.grad is not None], self.clip_grad))
-            grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
+# %% ../nbs/07_trainer.ipynb
+@patch
+def _end_epoch(self: DWIMLAbstractTrainer, valid_loss):
+    acc, epoch = self._accumulators, self.epoch
+    train_loss = acc['loss_sum'] / acc['weight_sum'] if acc['weight_sum'] else math.nan
+    criterion = train_loss if valid_loss is None else valid_loss
+    if criterion < self.best_valid_loss - self.patience_delta:
+        self.patience_count = 0
+    else:
+        self.patience_count += 1
+    if criterion < self.best_valid_loss:
+        self.best_valid_loss, self.best_epoch = float(criterion), epoch
+        self._save_model_state(self.paths['best_model'])
+    nb = max(acc['nb_batches'], 1)
+    record = {'epoch': epoch, 'train_loss': train_loss,
+              'valid_loss': math.nan if valid_loss is None else float(valid_loss),
+              'grad_norm': acc['grad_norm_sum'] / nb, 'grad_norm_clipped': acc['grad_norm_clipped_sum'] / nb,
+              'learning_rate': float(self.optimizer.param_groups[0]['lr']), 'nb_streamlines': acc['nb_streamlines'],
+              'best_valid_loss': self.best_valid_loss, 'best_epoch': self.best_epoch,
+              'patience_count': self.patience_count, 'time_s': acc['time_s'],
+              'streamlines_per_s': acc['nb_streamlines'] / max(acc['time_s'], 1e-12), 'elapsed_s': self.elapsed_s}
+    if self.lr_scheduler is not None:
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(criterion)
         else:
-            grad_norm = grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
-        learning_rate = float(self.optimizer.param_groups[0]['lr'])
-        self.optimizer.step()
-        acc = self._accumulators
-        acc['loss_sum'] += weighted; acc['weight_sum'] += weight
-        acc['grad_norm_sum'] += grad_norm; acc['grad_norm_clipped_sum'] += grad_norm_clipped
-        acc['nb_batches'] += 1; acc['nb_streamlines'] += nb_streamlines
-        return {'epoch': self.epoch, 'batch': _step(data), 'phase': 'train', 'loss': value,
-                'weight': weight, 'nb_streamlines': nb_streamlines, 'grad_norm': grad_norm,
-                'grad_norm_clipped': grad_norm_clipped, 'learning_rate': learning_rate}
+            self.lr_scheduler.step()
+    self.history.append(record)
+    self._epoch_log.append(record)
+    self._save_epoch_arrays()
+    self._save_model_state(self.paths['last_model'])
+    if self.is_main_process: logger.info('epoch %d: train loss %.6g, valid loss %.6g, best %.6g (epoch %d), %.0f streamlines/s',
+                epoch, train_loss, record['valid_loss'], self.best_valid_loss, self.best_epoch,
+                record['streamlines_per_s'])
+    self.epoch, self.batches_done = epoch + 1, 0
+    self._accumulators = self._new_accumulators()
+    self.save_checkpoint()
+    self._call('on_epoch_end', record)
 
-    def _reduce_loss(self, value, weight, nb_streamlines):
-        """(mean loss, loss × weight, weight, nb_streamlines) of one step over all ranks.
 
-        In a single process: the batch's own numbers, untouched (bitwise as before).
-        """
-        if not self.distributed.is_distributed:
-            return value, value * weight, weight, nb_streamlines
-        weighted, weight, nb_streamlines = all_reduce_sum([value * weight, weight, nb_streamlines])
-        return weighted / weight if weight else math.nan, weighted, weight, int(nb_streamlines)
+@patch
+def _save_model_state(self: DWIMLAbstractTrainer, path):
+    if not self.is_main_process: return
+    with atomic_write(path) as tmp:
+        torch.save(self.unwrapped_model.state_dict(), tmp)
 
-    def _rank_entropy(self):
-        "Extra seed entropy of this rank: none in a single process (runs stay bitwise as before)."
-        return (self.distributed.rank,) if self.distributed.is_distributed else ()
 
-    def _validate_one_epoch(self):
-        "Mean validation loss of this epoch (no backprop, model in eval mode); None without a validation sampler."
-        sampler, epoch = self.batch_sampler_validation, self.epoch
-        if sampler is None: return None
-        n_batches = self._start_sampler_epoch(sampler, epoch)
-        loss_sum = weight_sum = 0.0
-        self.model.eval()
-        bar = progress_bar(total=n_batches, desc=f'epoch {epoch} validation', leave=False, disable=not self._show_progress)
-        try:
-            with torch.no_grad():
-                last = time.perf_counter()
-                for i, data in enumerate(self._make_loader(sampler, epoch, 'valid')):
-                    if i >= n_batches: break
-                    data = data.to(self.device) if hasattr(data, 'to') else data
-                    loss, weight = self._loss_and_weight(self.compute_batch_loss(data, False), data)
-                    value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss), weight, len(data))
-                    self._check_finite(value, 'validation', _step(data))
-                    loss_sum += weighted; weight_sum += weight
-                    now = time.perf_counter()
-                    self.elapsed_s += now - last
-                    self._batch_log.append({'epoch': epoch, 'batch': _step(data), 'phase': 'valid',
-                                            'loss': value, 'weight': weight, 'nb_streamlines': nb_streamlines,
-                                            'time_s': now - last,
-                                            'streamlines_per_s': nb_streamlines / max(now - last, 1e-12),
-                                            'elapsed_s': self.elapsed_s})
-                    last = now
-                    bar.update()
-        finally:
-            bar.close()
-            self.model.train()
-        return loss_sum / weight_sum if weight_sum else math.nan
+@patch
+def _save_epoch_arrays(self: DWIMLAbstractTrainer):
+    if not self.is_main_process: return
+    for name, column in EPOCH_ARRAYS.items():
+        with atomic_write(self.paths['logs'] / f'{name}.npy', suffix='.npy') as tmp:
+            np.save(tmp, np.array([r[column] for r in self.history], dtype=np.float64))
 
-    def _end_epoch(self, valid_loss):
-        acc, epoch = self._accumulators, self.epoch
-        train_loss = acc['loss_sum'] / acc['weight_sum'] if acc['weight_sum'] else math.nan
-        criterion = train_loss if valid_loss is None else valid_loss
-        if criterion < self.best_valid_loss - self.patience_delta:
-            self.patience_count = 0
-        else:
-            self.patience_count += 1
-        if criterion < self.best_valid_loss:
-            self.best_valid_loss, self.best_epoch = float(criterion), epoch
-            self._save_model_state(self.paths['best_model'])
-        nb = max(acc['nb_batches'], 1)
-        record = {'epoch': epoch, 'train_loss': train_loss,
-                  'valid_loss': math.nan if valid_loss is None else float(valid_loss),
-                  'grad_norm': acc['grad_norm_sum'] / nb, 'grad_norm_clipped': acc['grad_norm_clipped_sum'] / nb,
-                  'learning_rate': float(self.optimizer.param_groups[0]['lr']), 'nb_streamlines': acc['nb_streamlines'],
-                  'best_valid_loss': self.best_valid_loss, 'best_epoch': self.best_epoch,
-                  'patience_count': self.patience_count, 'time_s': acc['time_s'],
-                  'streamlines_per_s': acc['nb_streamlines'] / max(acc['time_s'], 1e-12), 'elapsed_s': self.elapsed_s}
-        if self.lr_scheduler is not None:
-            if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.lr_scheduler.step(criterion)
-            else:
-                self.lr_scheduler.step()
-        self.history.append(record)
-        self._epoch_log.append(record)
-        self._save_epoch_arrays()
-        self._save_model_state(self.paths['last_model'])
-        if self.is_main_process: logger.info('epoch %d: train loss %.6g, valid loss %.6g, best %.6g (epoch %d), %.0f streamlines/s',
-                    epoch, train_loss, record['valid_loss'], self.best_valid_loss, self.best_epoch,
-                    record['streamlines_per_s'])
-        self.epoch, self.batches_done = epoch + 1, 0
-        self._accumulators = self._new_accumulators()
-        self.save_checkpoint()
-        self._call('on_epoch_end', record)
+# %% ../nbs/07_trainer.ipynb
+@patch
+def train_and_validate(self: DWIMLAbstractTrainer):
+    """Train from where the trainer stands (epoch 0, or the checkpoint's position) to `max_epochs`.
 
-    def _save_model_state(self, path):
-        if not self.is_main_process: return
-        with atomic_write(path) as tmp:
-            torch.save(self.unwrapped_model.state_dict(), tmp)
+    Returns
+    -------
+    list of dict
+        One record per finished epoch (the rows of logs/epochs.csv).
 
-    def _save_epoch_arrays(self):
-        if not self.is_main_process: return
-        for name, key in EPOCH_ARRAYS.items():
-            with atomic_write(self.paths['logs'] / f'{name}.npy', suffix='.npy') as tmp:
-                np.save(tmp, np.array([r[key] for r in self.history], dtype=np.float64))
+    Raises
+    ------
+    ConfigError
+        Another process trains this experiment (`ExperimentLock`), or a symbolic link is inside it.
+    """
+    lock = _lock_experiment(self.paths) if self.is_main_process else None
+    refused = broadcast_object(lock if isinstance(lock, tuple) else None)
+    if refused is not None:
+        raise ConfigError(refused[0], file=refused[1])
+    try:
+        return self._train_and_validate()
+    finally:
+        if lock is not None: lock.release()
 
-    # ---- checkpoints ----------------------------------------------------------------------
-    def checkpoint_dict(self):
-        """Everything needed to continue exactly where the trainer stands (torch.load(weights_only=True)-safe).
 
-        Keys: format, dwiml_nb_version, trainer_class, model_class, model_params, trainer_params,
-        samplers (class/params/source of each), hdf5_file, sampler_states, model_state,
-        optimizer_state, scheduler_state, rng_states, position (epoch, batches_done),
-        epoch_accumulators, best_valid_loss, best_epoch, patience_count, history, log_sizes,
-        world_size, rng_states_per_rank, elapsed_s. Under torch.distributed every rank must call it (it gathers
-        the RNG states of all ranks).
-        """
-        samplers = {'training': sampler_spec(self.batch_sampler_training),
-                    'validation': sampler_spec(self.batch_sampler_validation)}
-        state = dict(self.batch_sampler_training.state_dict())
-        # The sampler's own counter runs ahead of the loop (prefetch): its position is what we consumed.
-        state.update(epoch=self.epoch, next_batch=self.batches_done)
-        rng_states = get_rng_states()
-        model = self.unwrapped_model
-        return {'format': CHECKPOINT_FORMAT, 'dwiml_nb_version': dwiml_nb.__version__,
-                'trainer_class': class_path(self), 'model_class': class_path(model),
-                'model_params': _json_safe(model.get_params()) if hasattr(model, 'get_params') else None,
-                'trainer_params': _json_safe(self.get_params()), 'samplers': samplers,
-                'hdf5_file': samplers['training']['source']['hdf5_file'],
-                'hdf5_fingerprints': source_fingerprints(samplers, self._fingerprints),
-                'sampler_states': {'training': _json_safe(state)},
-                'model_state': model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
-                'scheduler_state': self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                'rng_states': rng_states, 'world_size': self.distributed.world_size,
-                'rng_states_per_rank': all_gather_objects(rng_states),
-                'position': {'epoch': self.epoch, 'batches_done': self.batches_done},
-                'epoch_accumulators': dict(self._accumulators), 'best_valid_loss': self.best_valid_loss,
-                'best_epoch': self.best_epoch, 'patience_count': self.patience_count,
-                'history': [dict(r) for r in self.history],
-                'log_sizes': {'batches_csv': self._batch_log.size(), 'epochs_csv': self._epoch_log.size()},
-                'log_sha256': {'batches_csv': self._batch_log.digest(), 'epochs_csv': self._epoch_log.digest()},
-                'elapsed_s': self.elapsed_s}
+@patch
+def _train_and_validate(self: DWIMLAbstractTrainer):
+    if self.is_main_process:
+        if self.resumed_from_checkpoint:
+            for key in ('batches_csv', 'epochs_csv'):
+                CsvLog.truncate(self.paths[key], self._log_sizes[key], checkpoint=self.paths['checkpoint'],
+                                sha256=self._log_digests.get(key))
+        self._batch_log = CsvLog(self.paths['batches_csv'], BATCH_COLUMNS)
+        self._epoch_log = CsvLog(self.paths['epochs_csv'], EPOCH_COLUMNS)
+    else:
+        self._batch_log, self._epoch_log = NullLog(), NullLog()
+    epochs_bar = progress_bar(total=self.max_epochs, initial=min(self.epoch, self.max_epochs), desc='epochs',
+                              disable=not self._show_progress)
+    threads_before = torch.get_num_threads()
+    threads, why = choose_torch_threads(self.num_threads, self.num_workers)
+    if threads is not None: torch.set_num_threads(threads)
+    if self.is_main_process: logger.info('training with %d torch threads (%s)', torch.get_num_threads(), why)
+    began = False
+    try:
+        self._call('on_train_begin'); began = True
+        while self.epoch < self.max_epochs and not self._patience_exhausted():
+            self._train_one_epoch()
+            valid_loss = self._validate_one_epoch()
+            self._end_epoch(valid_loss)
+            epochs_bar.update()
+        if self._patience_exhausted() and self.is_main_process:
+            logger.info('early stopping: no improvement of more than %g for %d epochs (best epoch %d, loss %g)',
+                        self.patience_delta, self.patience_count, self.best_epoch, self.best_valid_loss)
+    finally:
+        epochs_bar.close()
+        self._batch_log.close(); self._epoch_log.close()
+        torch.set_num_threads(threads_before)
+        # Also after an error or an interrupt: a live chart turns into its saved picture, trackers close.
+        if began: self._call_on_train_end()
+    return self.history
 
-    def save_checkpoint(self):
-        "Write checkpoint/checkpoint.pt and checkpoint/parameters.json atomically."
-        ckpt = self.checkpoint_dict()
-        if not self.is_main_process:
-            barrier()   # rank 0 writes; nobody moves on before the checkpoint is complete
-            return
-        summary = {k: ckpt[k] for k in ('dwiml_nb_version', 'trainer_class', 'model_class', 'model_params',
-                                        'trainer_params', 'samplers', 'hdf5_file', 'hdf5_fingerprints', 'position')}
-        with atomic_write(self.paths['parameters']) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + '\n')
-        ckpt['content_sha256'] = checkpoint_digest(ckpt)   # inside the file: see 'Checksums' above
-        with atomic_write(self.paths['checkpoint']) as tmp:
-            torch.save(ckpt, tmp)
-        barrier()
-        logger.debug('checkpoint at epoch %d, batch %d', self.epoch, self.batches_done)
 
-    @classmethod
-    def init_from_checkpoint(cls, model, experiments_path, experiment_name, batch_sampler_training,
-                             batch_sampler_validation=None, new_max_epochs=None, new_patience=None, *,
-                             callbacks=(), progress=True, accept_changed_hdf5=False, **overrides):
-        """A trainer that continues an experiment exactly where its latest checkpoint stands.
+@patch
+def _call_on_train_end(self: DWIMLAbstractTrainer):
+    failing = sys.exc_info()[0] is not None
+    try:
+        self._call('on_train_end')
+    except Exception:
+        if not failing: raise
+        logger.exception('a callback failed in on_train_end (after training stopped on an error)')
 
-        `model` and the samplers must be built as for the original run (same classes and kwargs);
-        `overrides` may change parameters that do not change results, e.g. ``num_workers``, ``device``.
-        The training sampler's HDF5 file must be the one of the checkpoint (`check_same_hdf5`), unless
-        `accept_changed_hdf5`.
 
-        Under torch.distributed every rank calls it (the checkpoint must be on a file system every
-        rank sees). A checkpoint from the end of an epoch resumes with any number of processes; one
-        from the middle of an epoch only with the number of processes that wrote it.
+@patch
+def _patience_exhausted(self: DWIMLAbstractTrainer):
+    return self.patience is not None and self.patience_count >= self.patience
 
-        Raises
-        ------
-        CheckpointError
-            Missing/corrupted/foreign checkpoint, another package version, a model that does not fit,
-            or a mid-epoch checkpoint written by another number of processes.
-        """
-        ckpt = load_checkpoint(experiments_path, experiment_name)
-        path = experiment_paths(experiments_path, experiment_name)['checkpoint']
-        check_model_state(model, ckpt['model_state'], file=path)
-        check_same_hdf5(ckpt, batch_sampler_training, accept_changed_hdf5, file=path)
-        if ckpt['trainer_class'] != class_path(cls):
-            logger.warning('checkpoint written by %s, resumed with %s', ckpt['trainer_class'], class_path(cls))
-        params = dict(ckpt['trainer_params'])
-        accepted = _accepted_kwargs(cls)
-        unknown = [] if accepted is None else sorted(set(params) - accepted)
-        if unknown:
-            raise CheckpointError(f"unknown trainer parameter(s) {', '.join(unknown)} (not accepted by "
-                                  f'{cls.__qualname__}): the checkpoint is damaged or was edited', file=path)
-        if new_max_epochs is not None: params['max_epochs'] = int(new_max_epochs)
-        if new_patience is not None: params['patience'] = int(new_patience)
-        params.update(overrides)
-        token = _RESUMING.set(True)
-        try:
-            trainer = cls(model, experiments_path, experiment_name, batch_sampler_training,
-                          batch_sampler_validation, callbacks=callbacks, progress=progress, **params)
-        finally:
-            _RESUMING.reset(token)
-        trainer._restore(ckpt, path)
-        check_resume_has_work(trainer.epoch, trainer.max_epochs, trainer.patience_count, trainer.patience, file=path)
-        return trainer
+# %% ../nbs/07_trainer.ipynb
+@patch
+def checkpoint_dict(self: DWIMLAbstractTrainer):
+    """Everything needed to continue exactly where the trainer stands (torch.load(weights_only=True)-safe).
 
-    def _restore(self, ckpt, path):
-        saved_world_size, world_size = int(ckpt.get('world_size', 1)), self.distributed.world_size
-        if saved_world_size != world_size and ckpt['position']['batches_done'] != 0:
-            raise CheckpointError(f"was written in the middle of epoch {ckpt['position']['epoch']} (batch "
-                                  f"{ckpt['position']['batches_done']}) by {saved_world_size} process(es); this run "
-                                  f'has {world_size}: resume it with {saved_world_size} process(es) (torchrun '
-                                  f'--nproc_per_node/--nnodes), or from an end-of-epoch checkpoint', file=path)
-        self.unwrapped_model.load_state_dict(ckpt['model_state'])
-        try:
-            self.optimizer.load_state_dict(ckpt['optimizer_state'])
-            if (self.lr_scheduler is None) != (ckpt['scheduler_state'] is None):
-                raise ValueError('the checkpoint has a learning-rate scheduler state and the trainer none, or vice versa')
-            if self.lr_scheduler is not None: self.lr_scheduler.load_state_dict(ckpt['scheduler_state'])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f'optimizer or scheduler state does not fit ({e})', file=path) from None
-        for p, state in self.optimizer.state.items():
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
-                    raise CheckpointError(f"optimizer state '{key}' has shape {tuple(value.shape)} for a parameter "
-                                          f'of shape {tuple(p.shape)}: the checkpoint is damaged or was edited', file=path)
-        self.epoch, self.batches_done = ckpt['position']['epoch'], ckpt['position']['batches_done']
-        self._accumulators = dict(ckpt['epoch_accumulators'])
-        self.best_valid_loss, self.best_epoch = ckpt['best_valid_loss'], ckpt['best_epoch']
-        self.patience_count, self.history = ckpt['patience_count'], [dict(r) for r in ckpt['history']]
-        self._log_sizes = dict(ckpt['log_sizes'])
-        self._log_digests = dict(ckpt.get('log_sha256') or {})   # (older checkpoints have none)
-        # (Checkpoints of older versions have no elapsed_s: their epochs' times are the best guess.)
-        self.elapsed_s = float(ckpt.get('elapsed_s', sum(r.get('time_s', 0.0) for r in self.history)))
-        self._resume_sampler_state = dict(ckpt['sampler_states']['training'])
-        per_rank = ckpt.get('rng_states_per_rank')
-        same_ranks = saved_world_size == world_size and per_rank is not None and len(per_rank) == world_size
-        set_rng_states(per_rank[self.distributed.rank] if same_ranks else ckpt['rng_states'])
-        if saved_world_size != world_size and self.is_main_process:
-            logger.warning('checkpoint written by %d process(es), resumed with %d: the next epochs are split '
-                           'differently between processes', saved_world_size, world_size)
-        if self.is_main_process: logger.info('resuming %s at epoch %d, batch %d', self.paths['root'], self.epoch, self.batches_done)
+    Keys: format, dwiml_nb_version, trainer_class, model_class, model_params, trainer_params,
+    samplers (class/params/source of each), hdf5_file, sampler_states, model_state,
+    optimizer_state, scheduler_state, rng_states, position (epoch, batches_done),
+    epoch_accumulators, best_valid_loss, best_epoch, patience_count, history, log_sizes,
+    world_size, rng_states_per_rank, elapsed_s. Under torch.distributed every rank must call it (it gathers
+    the RNG states of all ranks).
+    """
+    samplers = {'training': sampler_spec(self.batch_sampler_training),
+                'validation': sampler_spec(self.batch_sampler_validation)}
+    state = dict(self.batch_sampler_training.state_dict())
+    # The sampler's own counter runs ahead of the loop (prefetch): its position is what we consumed.
+    state.update(epoch=self.epoch, next_batch=self.batches_done)
+    rng_states = get_rng_states()
+    model = self.unwrapped_model
+    return {'format': CHECKPOINT_FORMAT, 'dwiml_nb_version': dwiml_nb.__version__,
+            'trainer_class': class_path(self), 'model_class': class_path(model),
+            'model_params': _json_safe(model.get_params()) if hasattr(model, 'get_params') else None,
+            'trainer_params': _json_safe(self.get_params()), 'samplers': samplers,
+            'hdf5_file': samplers['training']['source']['hdf5_file'],
+            'hdf5_fingerprints': source_fingerprints(samplers, self._fingerprints),
+            'sampler_states': {'training': _json_safe(state)},
+            'model_state': model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
+            'scheduler_state': self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            'rng_states': rng_states, 'world_size': self.distributed.world_size,
+            'rng_states_per_rank': all_gather_objects(rng_states),
+            'position': {'epoch': self.epoch, 'batches_done': self.batches_done},
+            'epoch_accumulators': dict(self._accumulators), 'best_valid_loss': self.best_valid_loss,
+            'best_epoch': self.best_epoch, 'patience_count': self.patience_count,
+            'history': [dict(r) for r in self.history],
+            'log_sizes': {'batches_csv': self._batch_log.size(), 'epochs_csv': self._epoch_log.size()},
+            'log_sha256': {'batches_csv': self._batch_log.digest(), 'epochs_csv': self._epoch_log.digest()},
+            'elapsed_s': self.elapsed_s}
 
-    @classmethod
-    def rebuild_samplers(cls, samplers):
-        """Rebuild (training, validation) samplers from a checkpoint's ``samplers`` specs.
 
-        The default reads the specs' hdf5 file with `dwiml_nb.dataset.MultiSubjectDataset`; a
-        trainer whose samplers come from elsewhere overrides it.
-        """
-        from dwiml_nb.dataset import MultiSubjectDataset
-        datasets = {}
+@patch
+def save_checkpoint(self: DWIMLAbstractTrainer):
+    "Write checkpoint/checkpoint.pt and checkpoint/parameters.json atomically."
+    ckpt = self.checkpoint_dict()
+    if not self.is_main_process:
+        barrier()   # rank 0 writes; nobody moves on before the checkpoint is complete
+        return
+    summary = {k: ckpt[k] for k in ('dwiml_nb_version', 'trainer_class', 'model_class', 'model_params',
+                                    'trainer_params', 'samplers', 'hdf5_file', 'hdf5_fingerprints', 'position')}
+    with atomic_write(self.paths['parameters']) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + '\n')
+    ckpt['content_sha256'] = checkpoint_digest(ckpt)   # inside the file: see 'Checksums' in dwiml_nb.checkpoint
+    with atomic_write(self.paths['checkpoint']) as tmp:
+        torch.save(ckpt, tmp)
+    barrier()
+    logger.debug('checkpoint at epoch %d, batch %d', self.epoch, self.batches_done)
 
-        def build(spec, role):
-            if spec is None: return None
-            src = spec['source']
-            if spec['params'] is None or not src['hdf5_file']:
-                raise CheckpointError(f"the {role} sampler ({spec['class']}) did not record its constructor kwargs "
-                                      'or hdf5 file (it needs get_params()): rebuild it yourself and call '
-                                      'DWIMLAbstractTrainer.init_from_checkpoint')
-            key = (src['hdf5_file'], src['lazy'])
-            if key not in datasets:
-                datasets[key] = MultiSubjectDataset(src['hdf5_file'], lazy=src['lazy']).load_data()
-            subset = getattr(datasets[key], f"{src['set_name']}_set")
-            return resolve_class(spec['class'], torch.utils.data.Sampler, f'{role} sampler class',
-                                 resume_with=cls.__qualname__)(subset, **spec['params'])
-        return build(samplers['training'], 'training'), build(samplers['validation'], 'validation')
+# %% ../nbs/07_trainer.ipynb
+def _accepted_kwargs(cls):
+    "Names of the keyword arguments `cls(...)` accepts (every name when it takes ``**kwargs``)."
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None: continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names   # this __init__ is the last one the arguments reach
+    return None   # **kwargs all the way: any name may be right
+
+
+@patch(cls_method=True)
+def init_from_checkpoint(cls: DWIMLAbstractTrainer, model, experiments_path, experiment_name, batch_sampler_training,
+                         batch_sampler_validation=None, new_max_epochs=None, new_patience=None, *,
+                         callbacks=(), progress=True, accept_changed_hdf5=False, **overrides):
+    """A trainer that continues an experiment exactly where its latest checkpoint stands.
+
+    `model` and the samplers must be built as for the original run (same classes and kwargs);
+    `overrides` may change parameters that do not change results, e.g. ``num_workers``, ``device``.
+    The training sampler's HDF5 file must be the one of the checkpoint (`check_same_hdf5`), unless
+    `accept_changed_hdf5`.
+
+    Under torch.distributed every rank calls it (the checkpoint must be on a file system every
+    rank sees). A checkpoint from the end of an epoch resumes with any number of processes; one
+    from the middle of an epoch only with the number of processes that wrote it.
+
+    Raises
+    ------
+    CheckpointError
+        Missing/corrupted/foreign checkpoint, another package version, a model that does not fit,
+        or a mid-epoch checkpoint written by another number of processes.
+    """
+    ckpt = load_checkpoint(experiments_path, experiment_name)
+    path = experiment_paths(experiments_path, experiment_name)['checkpoint']
+    check_model_state(model, ckpt['model_state'], file=path)
+    check_same_hdf5(ckpt, batch_sampler_training, accept_changed_hdf5, file=path)
+    if ckpt['trainer_class'] != class_path(cls):
+        logger.warning('checkpoint written by %s, resumed with %s', ckpt['trainer_class'], class_path(cls))
+    params = dict(ckpt['trainer_params'])
+    accepted = _accepted_kwargs(cls)
+    unknown = [] if accepted is None else sorted(set(params) - accepted)
+    if unknown:
+        raise CheckpointError(f"unknown trainer parameter(s) {', '.join(unknown)} (not accepted by "
+                              f'{cls.__qualname__}): the checkpoint is damaged or was edited', file=path)
+    if new_max_epochs is not None: params['max_epochs'] = int(new_max_epochs)
+    if new_patience is not None: params['patience'] = int(new_patience)
+    params.update(overrides)
+    token = _RESUMING.set(True)
+    try:
+        trainer = cls(model, experiments_path, experiment_name, batch_sampler_training,
+                      batch_sampler_validation, callbacks=callbacks, progress=progress, **params)
+    finally:
+        _RESUMING.reset(token)
+    trainer._restore(ckpt, path)
+    check_resume_has_work(trainer.epoch, trainer.max_epochs, trainer.patience_count, trainer.patience, file=path)
+    return trainer
+
+# %% ../nbs/07_trainer.ipynb
+@patch
+def _restore(self: DWIMLAbstractTrainer, ckpt, path):
+    saved_world_size, world_size = int(ckpt.get('world_size', 1)), self.distributed.world_size
+    if saved_world_size != world_size and ckpt['position']['batches_done'] != 0:
+        raise CheckpointError(f"was written in the middle of epoch {ckpt['position']['epoch']} (batch "
+                              f"{ckpt['position']['batches_done']}) by {saved_world_size} process(es); this run "
+                              f'has {world_size}: resume it with {saved_world_size} process(es) (torchrun '
+                              f'--nproc_per_node/--nnodes), or from an end-of-epoch checkpoint', file=path)
+    self.unwrapped_model.load_state_dict(ckpt['model_state'])
+    try:
+        self.optimizer.load_state_dict(ckpt['optimizer_state'])
+        if (self.lr_scheduler is None) != (ckpt['scheduler_state'] is None):
+            raise ValueError('the checkpoint has a learning-rate scheduler state and the trainer none, or vice versa')
+        if self.lr_scheduler is not None: self.lr_scheduler.load_state_dict(ckpt['scheduler_state'])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f'optimizer or scheduler state does not fit ({e})', file=path) from None
+    for p, state in self.optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise CheckpointError(f"optimizer state '{key}' has shape {tuple(value.shape)} for a parameter "
+                                      f'of shape {tuple(p.shape)}: the checkpoint is damaged or was edited', file=path)
+    self.epoch, self.batches_done = ckpt['position']['epoch'], ckpt['position']['batches_done']
+    self._accumulators = dict(ckpt['epoch_accumulators'])
+    self.best_valid_loss, self.best_epoch = ckpt['best_valid_loss'], ckpt['best_epoch']
+    self.patience_count, self.history = ckpt['patience_count'], [dict(r) for r in ckpt['history']]
+    self._log_sizes = dict(ckpt['log_sizes'])
+    self._log_digests = dict(ckpt.get('log_sha256') or {})   # (older checkpoints have none)
+    # (Checkpoints of older versions have no elapsed_s: their epochs' times are the best guess.)
+    self.elapsed_s = float(ckpt.get('elapsed_s', sum(r.get('time_s', 0.0) for r in self.history)))
+    self._resume_sampler_state = dict(ckpt['sampler_states']['training'])
+    per_rank = ckpt.get('rng_states_per_rank')
+    same_ranks = saved_world_size == world_size and per_rank is not None and len(per_rank) == world_size
+    set_rng_states(per_rank[self.distributed.rank] if same_ranks else ckpt['rng_states'])
+    if saved_world_size != world_size and self.is_main_process:
+        logger.warning('checkpoint written by %d process(es), resumed with %d: the next epochs are split '
+                       'differently between processes', saved_world_size, world_size)
+    if self.is_main_process: logger.info('resuming %s at epoch %d, batch %d', self.paths['root'], self.epoch, self.batches_done)
+
+
+@patch(cls_method=True)
+def rebuild_samplers(cls: DWIMLAbstractTrainer, samplers):
+    """Rebuild (training, validation) samplers from a checkpoint's ``samplers`` specs.
+
+    The default reads the specs' hdf5 file with `dwiml_nb.dataset.MultiSubjectDataset`; a
+    trainer whose samplers come from elsewhere overrides it.
+    """
+    from dwiml_nb.dataset import MultiSubjectDataset
+    datasets = {}
+
+    def build(spec, role):
+        if spec is None: return None
+        src = spec['source']
+        if spec['params'] is None or not src['hdf5_file']:
+            raise CheckpointError(f"the {role} sampler ({spec['class']}) did not record its constructor kwargs "
+                                  'or hdf5 file (it needs get_params()): rebuild it yourself and call '
+                                  'DWIMLAbstractTrainer.init_from_checkpoint')
+        key = (src['hdf5_file'], src['lazy'])
+        if key not in datasets:
+            datasets[key] = MultiSubjectDataset(src['hdf5_file'], lazy=src['lazy']).load_data()
+        subset = getattr(datasets[key], f"{src['set_name']}_set")
+        return resolve_class(spec['class'], torch.utils.data.Sampler, f'{role} sampler class',
+                             resume_with=cls.__qualname__)(subset, **spec['params'])
+    return build(samplers['training'], 'training'), build(samplers['validation'], 'validation')
 
 # %% ../nbs/07_trainer.ipynb
 def import_user_modules(modules):

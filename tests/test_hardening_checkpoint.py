@@ -146,10 +146,70 @@ def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, pristine, 
     ckpt = torch.load(paths['checkpoint'], weights_only=True)
     assert len(ckpt.pop('content_sha256')) == 64
     torch.save(ckpt, paths['checkpoint'])
-    with caplog.at_level('WARNING', logger='dwiml_nb.trainer'):
+    with caplog.at_level('WARNING', logger='dwiml_nb'):
         trainer = ToyTrainer.init_from_checkpoint(ToyModel(), tmp_path, 'exp', ToySampler(ToySubset('training')),
                                                   ToySampler(ToySubset('validation')), new_max_epochs=2,
                                                   progress=False)
     assert 'has no checksum (written by an older dwiml_nb)' in caplog.text
     assert len(trainer.train_and_validate()) == 2
     assert load_checkpoint(tmp_path, 'exp')['content_sha256'] == checkpoint_digest(load_checkpoint(tmp_path, 'exp'))
+
+
+# ---- random states of the GPUs (#13.8) ----------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+
+
+def test_checkpoint_rng_states_have_the_cuda_states_exactly_when_cuda_is_available(tmp_path):
+    make_toy_trainer(tmp_path, 'exp', max_epochs=1).train_and_validate()
+    ckpt = load_checkpoint(tmp_path, 'exp')
+    for states in (ckpt['rng_states'], *ckpt['rng_states_per_rank']):
+        assert {'torch', 'numpy', 'python'} <= set(states)
+        assert ('cuda' in states) == torch.cuda.is_available()
+        if 'cuda' in states:
+            assert len(states['cuda']) == torch.cuda.device_count()
+            assert all(s.dtype == torch.uint8 for s in states['cuda'])
+
+
+def test_rng_states_without_cuda_states_restore_the_rest(tmp_path):
+    from dwiml_nb.checkpoint import get_rng_states, set_rng_states
+    states = get_rng_states()
+    states.pop('cuda', None)   # a checkpoint written without CUDA, or by an older version
+    a = torch.rand(3)
+    set_rng_states(states)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_cuda_states_resumed_without_cuda_restore_the_rest_and_warn(monkeypatch, caplog):
+    from dwiml_nb.checkpoint import get_rng_states, set_rng_states
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    states = {**get_rng_states(), 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 2}
+    a = torch.rand(3)
+    with caplog.at_level('WARNING', logger='dwiml_nb'):
+        set_rng_states(states)
+    assert torch.equal(a, torch.rand(3))
+    assert 'holds the random states of 2 GPU(s) but CUDA is not available here' in caplog.text
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_mid_epoch_resume_on_the_gpu_is_exact_with_dropout(tmp_path):
+    """Dropout on the GPU draws from the CUDA generator: only its state in the checkpoint makes a
+    resume from the middle of an epoch give bitwise the weights of an uninterrupted run."""
+    run = dict(max_epochs=2, checkpoint_every_n_batches=2, device='cuda')
+    straight = make_toy_trainer(tmp_path, 'straight', **run)
+    straight.train_and_validate()
+
+    class Crash:
+        def on_batch_end(self, trainer, record):
+            if (record['epoch'], record['batch']) == (1, 2): raise RuntimeError('crash after a checkpoint')
+
+    with pytest.raises(RuntimeError, match='crash after a checkpoint'):
+        make_toy_trainer(tmp_path, 'crashed', callbacks=[Crash()], **run).train_and_validate()
+    assert load_checkpoint(tmp_path, 'crashed')['position'] == {'epoch': 1, 'batches_done': 2}
+    assert 'cuda' in load_checkpoint(tmp_path, 'crashed')['rng_states']
+    torch.cuda.manual_seed_all(4321)   # the GPU's generator moved on: the checkpoint must put it back
+    resumed = ToyTrainer.init_from_checkpoint(ToyModel(), tmp_path, 'crashed', ToySampler(ToySubset('training')),
+                                              ToySampler(ToySubset('validation')), progress=False)
+    resumed.train_and_validate()
+    for key, value in straight.unwrapped_model.state_dict().items():
+        assert torch.equal(value, resumed.unwrapped_model.state_dict()[key]), key

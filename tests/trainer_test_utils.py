@@ -1,8 +1,9 @@
 """A tiny trainer, model and stand-in sampler for tests of `dwiml_nb.trainer` (importable by other tests).
 
-`ToySampler` follows the `dwiml_nb.sampler` contract (BatchPart with .epoch/.batch_index,
-set_epoch, state_dict/load_state_dict with next_batch, epoch_plan, load_batch with an RNG derived
-from (seed, epoch, batch_index)) on synthetic random-walk streamlines kept in RAM, so that trainer
+`ToySampler` keeps the `dwiml_nb.contracts` protocols, BatchPlanner and BatchLoader (BatchPart with
+.epoch/.batch_index/.step, set_epoch, state_dict/load_state_dict with next_batch, epoch_plan/rank_plan,
+rank/world_size, get_params, load_batch with an RNG derived from (seed, epoch, batch_index),
+add_inputs) on synthetic random-walk streamlines kept in RAM, so that trainer
 tests do not depend on HDF5 files. `ToyTrainer` learns to predict each point's next step.
 """
 from __future__ import annotations
@@ -21,10 +22,11 @@ SUBSET_SIZES = {'training': 40, 'validation': 12, 'testing': 12}
 
 
 class BatchPart(tuple):
-    "(subject_index, streamline_ids) carrying .epoch and .batch_index, as in dwiml_nb.sampler."
+    "(subject_index, streamline_ids) carrying .epoch, .batch_index and .step, as in dwiml_nb.sampler."
     def __new__(cls, subject_index, ids, epoch, batch_index):
         part = super().__new__(cls, (subject_index, ids))
         part.epoch, part.batch_index = epoch, batch_index
+        part.step = batch_index   # one process: its plan is the whole epoch's
         return part
 
     def __reduce__(self):   # sent to DataLoader workers
@@ -40,6 +42,7 @@ class ToyBatch:
     inputs: torch.Tensor
     epoch: int
     batch_index: int
+    step: int
 
     def to(self, device):
         self.inputs = self.inputs.to(device)
@@ -63,7 +66,9 @@ class ToySubset(torch.utils.data.Dataset):
 
 
 class ToySampler:
-    "A stand-in batch sampler that follows the dwiml_nb.sampler contract."
+    "A stand-in batch sampler, planner and loader in one, that keeps the dwiml_nb.contracts protocols (one process)."
+    rank, world_size = 0, 1
+
     def __init__(self, subset, *, batch_size=8, max_batches_per_epoch=None, seed=1234, noise=0.1):
         self.source_data, self.batch_size, self.seed = subset, batch_size, seed
         self.max_batches_per_epoch, self.noise = max_batches_per_epoch, noise
@@ -78,6 +83,8 @@ class ToySampler:
         plan = [[BatchPart(0, ids[i:i + self.batch_size].astype(np.int64), epoch, k)]
                 for k, i in enumerate(range(0, len(ids), self.batch_size))]
         return plan[:self.max_batches_per_epoch]
+
+    def rank_plan(self, epoch, rank=None): return self.epoch_plan(epoch)
 
     def set_epoch(self, epoch): self.epoch, self.next_batch = epoch, 0
 
@@ -100,7 +107,9 @@ class ToySampler:
         streams = self.source_data.streamlines.select(ids)
         streams.data = (streams.data + rng.normal(scale=self.noise, size=streams.data.shape)).astype(np.float32)
         return ToyBatch(streams, np.full(len(ids), subject, np.int64), ids, torch.from_numpy(streams.data.copy()),
-                        parts[0].epoch, parts[0].batch_index)
+                        parts[0].epoch, parts[0].batch_index, parts[0].step)
+
+    def add_inputs(self, batch): return batch   # the inputs are always made in load_batch
 
 
 class ToyModel(torch.nn.Module):

@@ -108,7 +108,7 @@ def device_arg(text):
             raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
 
-
+# %% ../../nbs/10_train_model_script.ipynb
 def build_parser():
     p = cli_parser(
         'dwiml_train_model',
@@ -169,7 +169,7 @@ def build_parser():
     p.add_argument('-v', '--verbose', action='store_true', help='Debug messages.')
     return p
 
-
+# %% ../../nbs/10_train_model_script.ipynb
 def train_model(args):
     """Train from parsed arguments; returns a dict of results (also written to results.json).
 
