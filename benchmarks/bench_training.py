@@ -10,7 +10,14 @@ resampled to 1 mm with an 'axes' neighbourhood, augmentation on) is timed two wa
 - **baseline**: a bare loop (DataLoader, forward, loss, backward, step) on the same samplers and
   model, no validation, no logs, no checkpoints.
 
-    .venv/bin/python benchmarks/bench_training.py [--epochs 3] [--json]
+- **the model alone**: forward, loss, backward and optimizer step of `DirectionGetterModel` on
+  the same real batches (loaded beforehand), in CPU time (`time.process_time`), beside a plain
+  padded `nn.LSTM` loop of the same size (embedding + LSTM + head on `pad_sequence` tensors: the
+  baseline) and the model's former packed path (`pack_padded_sequence`, for the record). The
+  model's steps are also timed on a skewed length distribution (many short streamlines, a few
+  long), with the padded run in length buckets (the CPU default) and in one bucket.
+
+    .venv/bin/python benchmarks/bench_training.py [--epochs 3] [--quick] [--device cpu|cuda] [--json]
 """
 import argparse
 import json
@@ -22,27 +29,36 @@ from pathlib import Path
 for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
     os.environ.setdefault(_var, '1')
 
+import numpy as np
 import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
+import dwiml_nb.models as models
+from dwiml_nb.core import PackedStreamlines
 from dwiml_nb.data import make_demo_dataset
 from dwiml_nb.dataset import MultiSubjectDataset
-from dwiml_nb.models import DirectionGetterModel, compute_loss_on_batch
+from dwiml_nb.models import DirectionGetterModel, compute_loss_on_batch, cosine_direction_loss
+from dwiml_nb.sampler import StreamlineBatch
 from dwiml_nb.please_copy_and_adapt.train_model import DirectionGetterTrainer, make_samplers
 
 BATCH_SIZE = 100
 
 
-def build(hdf5_file):
+def build(hdf5_file, max_batches=None):
     ds = MultiSubjectDataset(hdf5_file).load_data(progress=False)
-    train, valid = make_samplers(ds, 'input', 'streamlines', batch_size=BATCH_SIZE, step_size=1.0)
+    train, valid = make_samplers(ds, 'input', 'streamlines', batch_size=BATCH_SIZE, step_size=1.0,
+                                 max_batches_per_epoch_training=max_batches,
+                                 max_batches_per_epoch_validation=max_batches)
     torch.manual_seed(0)
     model = DirectionGetterModel(ds.nb_features['input'] * 7, hidden_size=64)
     return model, train, valid
 
 
-def bare_loop(hdf5_file, epochs, num_workers):
-    model, train, _ = build(hdf5_file)
+def bare_loop(hdf5_file, epochs, num_workers, device, max_batches=None):
+    model, train, _ = build(hdf5_file, max_batches)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = DataLoader(train.source_data, batch_sampler=train, collate_fn=train.load_batch, num_workers=num_workers)
     streamlines = points = 0
@@ -50,8 +66,10 @@ def bare_loop(hdf5_file, epochs, num_workers):
     for epoch in range(epochs):
         train.set_epoch(epoch)
         for batch in loader:
+            # The workers send the points only (inputs_in_workers=False): interpolate here, as the trainer does.
+            batch = train.add_inputs(batch)
             optimizer.zero_grad()
-            loss, _ = compute_loss_on_batch(model, batch, 'cpu')
+            loss, _ = compute_loss_on_batch(model, batch, device)
             loss.backward()
             optimizer.step()
             streamlines += len(batch)
@@ -86,8 +104,8 @@ class StepTimer:
         self._last_end = now
 
 
-def with_trainer(hdf5_file, epochs, num_workers, folder):
-    model, train, valid = build(hdf5_file)
+def with_trainer(hdf5_file, epochs, num_workers, folder, device, max_batches=None):
+    model, train, valid = build(hdf5_file, max_batches)
     timer = StepTimer()
 
     class TimedTrainer(DirectionGetterTrainer):
@@ -97,7 +115,7 @@ def with_trainer(hdf5_file, epochs, num_workers, folder):
             return super().compute_batch_loss(data, is_training)
 
     trainer = TimedTrainer(model, folder, f'bench_w{num_workers}', train, valid, learning_rate=3e-3,
-                           max_epochs=epochs, clip_grad=1.0, num_workers=num_workers, progress=False,
+                           max_epochs=epochs, clip_grad=1.0, num_workers=num_workers, progress=False, device=device,
                            callbacks=[timer])
     start = time.perf_counter()
     history = trainer.train_and_validate()
@@ -107,22 +125,117 @@ def with_trainer(hdf5_file, epochs, num_workers, folder):
                 data_s=timer.data_s, compute_s=timer.compute_s, other_s=elapsed - timer.data_s - timer.compute_s)
 
 
+class PlainPaddedLSTM(nn.Module):
+    "The textbook baseline: embedding + LSTM + head on the padded B × T × F tensor, loss on the valid steps."
+    def __init__(self, nb_features, hidden_size=64):
+        super().__init__()
+        self.embedding = nn.Sequential(nn.Linear(nb_features, hidden_size), nn.ReLU())
+        self.rnn = nn.LSTM(hidden_size, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, 3)
+
+    def loss(self, batch, device):
+        lengths = torch.as_tensor(batch.streamlines.lengths)
+        inputs = pad_sequence([x.to(device) for x in batch.inputs_per_streamline()], batch_first=True)
+        points = pad_sequence(batch.streamlines_as_tensors(device), batch_first=True)
+        out, _ = self.rnn(self.embedding(inputs[:, :-1]))
+        valid = torch.arange(inputs.shape[1] - 1)[None, :] < (lengths - 1)[:, None]
+        steps = (points[:, 1:] - points[:, :-1])[valid.to(device)]
+        return cosine_direction_loss(self.head(out)[valid.to(device)], steps)
+
+
+def skewed_batches(nb_batches, nb_features, seed=0):
+    "Batches of 100 streamlines with lengths 2 + lognormal (median ~15 points, a few over 150), random inputs."
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(nb_batches):
+        lengths = np.minimum(2 + rng.lognormal(np.log(15), 0.9, BATCH_SIZE).astype(np.int64), 300)
+        steps = rng.normal(size=(int(lengths.sum()), 3)).astype(np.float32)
+        points = np.cumsum(steps / np.linalg.norm(steps, axis=1, keepdims=True), 0)
+        packed = PackedStreamlines.from_sequence(np.split(points, np.cumsum(lengths)[:-1]))
+        inputs = torch.from_numpy(rng.random((len(points), nb_features), dtype=np.float32))
+        batches.append(StreamlineBatch(packed, np.zeros(BATCH_SIZE, np.int64), np.arange(BATCH_SIZE), inputs, 0, 0))
+    return batches
+
+
+def model_alone(hdf5_file, nb_batches, repeats, device):
+    """Seconds (best of `repeats`, the variants interleaved) of forward + loss + backward + Adam step
+    over the same batches, per variant: CPU time on the CPU (robust on a shared machine), wall-clock
+    time (after synchronizing) on CUDA."""
+    clock = time.process_time if device == 'cpu' else time.perf_counter
+    _, train, _ = build(hdf5_file)
+    demo = []
+    for parts in train.epoch_plan(0):
+        demo.append(train.add_inputs(train.load_batch(parts)))
+        if len(demo) == nb_batches: break
+    nb_features = demo[0].inputs.shape[1]
+
+    def ours(packed=False, one_bucket=False):
+        def loss(model, batch):
+            saved = models.MIN_SAVED_CELLS
+            models.MIN_SAVED_CELLS = None if one_bucket else saved
+            try:
+                return compute_loss_on_batch(model, batch, device)[0]
+            finally:
+                models.MIN_SAVED_CELLS = saved
+        def make():
+            model = DirectionGetterModel(nb_features, hidden_size=64)
+            model._packed = packed
+            return model
+        return make, loss
+
+    variants = {'ours (padded, buckets)': ours(), 'ours, one bucket': ours(one_bucket=True),
+                'former packed path': ours(packed=True),
+                'plain padded nn.LSTM (baseline)': (lambda: PlainPaddedLSTM(nb_features),
+                                                    lambda m, b: m.loss(b, device))}
+    rows = []
+    for name, batches in (('demo', demo), ('skewed', skewed_batches(nb_batches, nb_features))):
+        best = {v: float('inf') for v in variants}
+        for _ in range(repeats):
+            for variant, (make, loss_fn) in variants.items():
+                torch.manual_seed(0)
+                model = make().to(device)
+                optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+                start = clock()
+                for batch in batches:
+                    optimizer.zero_grad()
+                    loss_fn(model, batch).backward()
+                    optimizer.step()
+                if device != 'cpu': torch.cuda.synchronize()
+                best[variant] = min(best[variant], clock() - start)
+        lengths = np.concatenate([b.streamlines.lengths for b in batches])
+        for variant, seconds in best.items():
+            rows.append(dict(lengths=name, variant=variant, cpu_s=seconds,
+                             streamlines_per_s=len(lengths) / seconds, points_per_s=lengths.sum() / seconds,
+                             length_mean=float(lengths.mean()), length_max=int(lengths.max())))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--quick', action='store_true', help='tiny run (1 epoch, 3 batches): the same tables')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--json', action='store_true', help='print JSON instead of a markdown table')
     args = parser.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: CUDA is not available on this machine')
     torch.set_num_threads(1)
+    epochs, max_batches = (1, 3) if args.quick else (args.epochs, None)
+    nb_batches, repeats = (2, 1) if args.quick else (8, 3)
     rows = []
+    total_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        hdf5_file = make_demo_dataset(Path(d) / 'demo', which='phantom', progress=False).hdf5_files['phantom']
+        hdf5_file = make_demo_dataset(Path(d) / 'demo', which='phantom', progress=False,
+                                      nb_subjects=3 if args.quick else 8).hdf5_files['phantom']
         for workers in (0, 2):
-            base = bare_loop(hdf5_file, args.epochs, workers)
-            ours = with_trainer(hdf5_file, args.epochs, workers, Path(d) / 'exp')
+            base = bare_loop(hdf5_file, epochs, workers, args.device, max_batches)
+            ours = with_trainer(hdf5_file, epochs, workers, Path(d) / 'exp', args.device, max_batches)
             rows.append(dict(num_workers=workers, ours=ours, baseline=base,
                              ratio=ours['streamlines_per_s'] / base['streamlines_per_s']))
-    result = dict(epochs=args.epochs, batch_size=BATCH_SIZE, torch_threads=1, load_average=os.getloadavg()[0],
-                  rows=rows)
+        steps = model_alone(hdf5_file, nb_batches, repeats, args.device)
+    result = dict(epochs=epochs, quick=args.quick, device=args.device, batch_size=BATCH_SIZE, torch_threads=1,
+                  load_average=os.getloadavg()[0], rows=rows, model_steps=steps,
+                  seconds=time.perf_counter() - total_start)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -135,6 +248,16 @@ def main(argv=None):
         print(f"| {r['num_workers']} | {o['streamlines_per_s']:,.0f} | {o['points_per_s']:,.0f} | {pct(o['data_s'])} "
               f"| {pct(o['compute_s'])} | {pct(o['other_s'])} | {r['baseline']['streamlines_per_s']:,.0f} "
               f"| {r['ratio']:.2f} |")
+    clock = 'CPU time' if args.device == 'cpu' else 'wall-clock time'
+    print(f'\nThe model alone ({args.device}, 1 thread; forward, loss, backward, Adam step; {clock}, best of '
+          f'{repeats}, {nb_batches} batches of {BATCH_SIZE} streamlines):\n')
+    print('| lengths | variant | streamlines/s | points/s | vs plain padded nn.LSTM |')
+    print('|---|---|---:|---:|---:|')
+    for s in steps:
+        base = next(b for b in steps if b['lengths'] == s['lengths'] and b['variant'].startswith('plain'))
+        label = f"{s['lengths']} (mean {s['length_mean']:.0f}, max {s['length_max']})"
+        print(f"| {label} | {s['variant']} | {s['streamlines_per_s']:,.0f} | {s['points_per_s']:,.0f} "
+              f"| {s['streamlines_per_s'] / base['streamlines_per_s']:.2f}× |")
 
 
 if __name__ == '__main__':

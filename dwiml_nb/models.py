@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -20,8 +21,8 @@ from .core import (ConfigError, DataError, PackedStreamlines, offsets_from_lengt
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'direction_targets', 'cosine_direction_loss', 'angular_error_degrees', 'previous_directions',
-           'DirectionGetterModel', 'compute_loss_on_batch', 'track']
+__all__ = ['logger', 'MIN_BUCKET', 'MIN_SAVED_CELLS', 'direction_targets', 'cosine_direction_loss', 'angular_error_degrees',
+           'previous_directions', 'DirectionGetterModel', 'compute_loss_on_batch', 'track']
 
 # %% ../nbs/08_models.ipynb
 def _concat_streamlines(streamlines, device=None):
@@ -177,6 +178,10 @@ class DirectionGetterModel(nn.Module):
     dropout : float
         Dropout between recurrent layers and before the output layer, in [0, 1).
     """
+    # True: run the recurrence on a PackedSequence, as before (~5x slower backward on CPU); kept
+    # as the reference of the tests and the "before" of benchmarks/bench_training.py.
+    _packed = False
+
     def __init__(self, nb_features, hidden_size=64, nb_layers=1, rnn='lstm', use_previous_dirs=1, dropout=0.):
         super().__init__()
         for name, value, low in (('nb_features', nb_features, 1), ('hidden_size', hidden_size, 1),
@@ -207,84 +212,190 @@ class DirectionGetterModel(nn.Module):
             raise ConfigError(f'the model expects {self.nb_features} input features per point, got inputs of '
                               f'shape {tuple(features.shape)} (check the input group and the neighborhood)')
 
+    def _embed(self, features, previous_dirs=None):
+        """``embedding(cat([features, previous_dirs], 1))`` without building the concatenation.
+
+        The linear layer is applied as two products on slices of its weight: the concatenated copy
+        of all the batch's features would cost more than the tiny product with the directions.
+        """
+        linear = self.embedding[0]
+        out = F.linear(features, linear.weight[:, :self.nb_features], linear.bias)
+        if self.use_previous_dirs:
+            out = out + F.linear(previous_dirs, linear.weight[:, self.nb_features:])
+        return self.embedding[1](out)
+
     def _directions(self, hidden_states):
         return F.normalize(self.head(self.dropout(hidden_states)), dim=-1, eps=1e-12)
 
-    def forward(self, inputs, streamlines=None):
-        """Predict the direction to the next point at every point but each streamline's last.
-
-        Parameters
-        ----------
-        inputs : list of Tensor (n_i, nb_features)
-            Per-streamline input features (``batch.inputs_per_streamline()``).
-        streamlines : list of Tensor (n_i, 3), optional
-            The streamlines' points (``batch.streamlines_as_tensors(device)``); needed when
-            ``use_previous_dirs > 0``.
-
-        Returns
-        -------
-        Tensor (sum(n_i - 1), 3)
-            Unit directions, streamline after streamline, aligned with `direction_targets`.
-        """
-        features, lengths = _concat_features(inputs)
-        self._check_features(features)
-        if self.use_previous_dirs:
-            if streamlines is None:
-                raise ConfigError('this model uses previous directions: pass the streamlines to forward()')
-            points, point_lengths = _concat_streamlines(streamlines, features.device)
-            if not torch.equal(point_lengths, lengths):
-                raise DataError(f'inputs and streamlines differ in number of points per streamline '
-                                f'({lengths.tolist()[:5]}... vs {point_lengths.tolist()[:5]}...)')
-            features = torch.cat([features, previous_directions(points, lengths, self.use_previous_dirs)], 1)
-        # The last point's input cannot influence any prediction (the network is causal): drop it.
-        features = features[_not_last_point(lengths)]
-        lengths = (lengths - 1).clamp(min=0)
-        lengths = lengths[lengths > 0]
-        if len(features) == 0:
-            return self.head.weight.new_zeros((0, 3)) + 0. * self.head.weight.sum()
-        stream_idx, pos = _point_positions(lengths)
-        embedded = self.embedding(features)
-        padded = embedded.new_zeros((len(lengths), int(lengths.max()), self.hidden_size))
-        padded[stream_idx, pos] = embedded
-        packed = pack_padded_sequence(padded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True)
-        return self._directions(out[stream_idx, pos])
-
-    def step(self, features, previous_dirs=None, state=None):
-        """Advance B streamlines by one point.
-
-        Parameters
-        ----------
-        features : Tensor (B, nb_features)
-            Inputs at the current point of each streamline.
-        previous_dirs : Tensor (B, 3 * use_previous_dirs), optional
-            Most recent step first; zeros (the default) at a seed.
-        state : recurrent state returned by the previous call, or None at a seed.
-
-        Returns
-        -------
-        (Tensor (B, 3), state)
-            Unit direction to the next point and the new recurrent state.
-        """
-        self._check_features(features)
-        if self.use_previous_dirs:
-            if previous_dirs is None:
-                previous_dirs = features.new_zeros((len(features), 3 * self.use_previous_dirs))
-            features = torch.cat([features, previous_dirs], 1)
-        out, state = self.rnn(self.embedding(features)[:, None], state)
-        return self._directions(out[:, 0]), state
+# %% ../nbs/08_models.ipynb
+MIN_BUCKET, MIN_SAVED_CELLS = 32, 512   # measured on the demo and on a skewed length distribution
 
 
-def _concat_features(inputs):
+def _length_buckets(lengths, min_bucket=MIN_BUCKET, min_saved_cells=MIN_SAVED_CELLS):
+    """Order (by decreasing length), bucket starts (K+1,) in that order and widths (K,) of B sequences.
+
+    ``min_saved_cells=None`` keeps one bucket.
+    """
+    order = np.argsort(-lengths, kind='stable')
+    ordered = lengths[order]
+    nb = len(order)
+    starts, widths = [0], [int(ordered[0])]
+    while min_saved_cells is not None:
+        candidates = np.arange(starts[-1] + min_bucket, nb - min_bucket + 1)
+        saved = (nb - candidates) * (widths[-1] - ordered[candidates])
+        good = np.flatnonzero(saved >= min_saved_cells)
+        if not len(good): break
+        starts.append(int(candidates[good[0]])); widths.append(int(ordered[candidates[good[0]]]))
+    return order, np.array(starts + [nb]), np.array(widths)
+
+
+def _padded_layout(lengths, bucketed=True):
+    """Where each valid time step goes in a flat buffer holding the padded buckets back to back.
+
+    Parameters
+    ----------
+    lengths : ndarray (B,) int, all >= 1
+    bucketed : bool
+        False: one bucket (the plain ``B × max(lengths)`` padded tensor).
+
+    Returns
+    -------
+    (ndarray (sum(lengths),) int64, list of (offset, rows, width), int)
+        Flat row of each time step (sequence after sequence), the buckets (the rows of bucket k are
+        ``buffer[offset:offset + rows * width]``, viewed ``rows × width``) and the buffer's length.
+    """
+    order, starts, widths = _length_buckets(lengths, min_saved_cells=MIN_SAVED_CELLS if bucketed else None)
+    rows = np.diff(starts)
+    offsets = np.concatenate([[0], np.cumsum(rows * widths)])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    bucket = np.searchsorted(starts, rank, side='right') - 1
+    first_cell = offsets[bucket] + (rank - starts[bucket]) * widths[bucket]
+    first_point = np.cumsum(lengths) - lengths
+    flat = np.repeat(first_cell - first_point, lengths) + np.arange(int(lengths.sum()))
+    return flat.astype(np.int64), list(zip(offsets[:-1].tolist(), rows.tolist(), widths.tolist())), int(offsets[-1])
+
+# %% ../nbs/08_models.ipynb
+def _run_rnn_padded(rnn, embedded, lengths, rows=None):
+    """Outputs of a batch-first ``rnn`` at every valid time step, the padded way.
+
+    Parameters
+    ----------
+    rnn : nn.LSTM or nn.GRU (batch_first=True)
+    embedded : Tensor (N, H)
+        The inputs.
+    lengths : Tensor (B,) int64, all >= 1
+    rows : Tensor (sum(lengths),) int64, optional
+        The row of `embedded` of each time step, sequence after sequence (default: all rows in
+        order). Reading the rows here saves selecting them first (a copy and its backward).
+
+    Returns
+    -------
+    Tensor (sum(lengths), hidden_size), sequence after sequence.
+    """
+    flat, buckets, total = _padded_layout(lengths.cpu().numpy(), bucketed=embedded.device.type == 'cpu')
+    flat = torch.from_numpy(flat).to(embedded.device)
+    # A gather (each padded cell reads its row, the padding a zero row): its backward is one index_add.
+    source = torch.full((total,), len(embedded), dtype=torch.int64, device=embedded.device)
+    source[flat] = torch.arange(len(flat), device=flat.device) if rows is None else rows
+    buffer = torch.cat([embedded, embedded.new_zeros((1, embedded.shape[1]))]).index_select(0, source)
+    outs = [rnn(buffer[offset:offset + nb * width].view(nb, width, -1))[0].reshape(nb * width, -1)
+            for offset, nb, width in buckets]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, flat)
+
+
+def _run_rnn_packed(rnn, embedded, lengths):
+    "The same as `_run_rnn_padded` through `pack_padded_sequence` (the slow reference)."
+    stream_idx, pos = _point_positions(lengths)
+    padded = embedded.new_zeros((len(lengths), int(lengths.max()), embedded.shape[1]))
+    padded[stream_idx, pos] = embedded
+    packed = pack_padded_sequence(padded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = pad_packed_sequence(rnn(packed)[0], batch_first=True)
+    return out[stream_idx, pos]
+
+# %% ../nbs/08_models.ipynb
+@patch
+def forward(self: DirectionGetterModel, inputs, streamlines=None):
+    """Predict the direction to the next point at every point but each streamline's last.
+
+    Parameters
+    ----------
+    inputs : list of Tensor (n_i, nb_features), or Tensor (sum(n_i), nb_features)
+        Per-streamline input features (``batch.inputs_per_streamline()``), or all of them back
+        to back (``batch.inputs``; then `streamlines` must give the lengths).
+    streamlines : list of Tensor (n_i, 3), PackedStreamlines or StreamlineBatch, optional
+        The streamlines' points (``batch.streamlines_as_tensors(device)``); needed when
+        ``use_previous_dirs > 0`` or when `inputs` is one tensor.
+
+    Returns
+    -------
+    Tensor (sum(n_i - 1), 3)
+        Unit directions, streamline after streamline, aligned with `direction_targets`.
+    """
+    features, lengths = _concat_features(inputs, streamlines)
+    self._check_features(features)
+    previous = None
+    if self.use_previous_dirs:
+        if streamlines is None:
+            raise ConfigError('this model uses previous directions: pass the streamlines to forward()')
+        points, point_lengths = _concat_streamlines(streamlines, features.device)
+        if not torch.equal(point_lengths, lengths):
+            raise DataError(f'inputs and streamlines differ in number of points per streamline '
+                            f'({lengths.tolist()[:5]}... vs {point_lengths.tolist()[:5]}...)')
+        previous = previous_directions(points, lengths, self.use_previous_dirs)
+    # The last point's input cannot influence any prediction (the network is causal): it is
+    # dropped after the embedding (reading H columns instead of all the features).
+    keep = torch.nonzero(_not_last_point(lengths))[:, 0]
+    lengths = lengths[lengths > 1] - 1
+    if len(keep) == 0:
+        return self.head.weight.new_zeros((0, 3)) + 0. * self.head.weight.sum()
+    embedded = self._embed(features, previous)
+    if self._packed:
+        return self._directions(_run_rnn_packed(self.rnn, embedded.index_select(0, keep), lengths))
+    return self._directions(_run_rnn_padded(self.rnn, embedded, lengths, rows=keep))
+
+
+def _concat_features(inputs, streamlines=None):
     if isinstance(inputs, torch.Tensor):
-        raise ConfigError('pass the inputs as a list of per-streamline tensors (batch.inputs_per_streamline())')
+        if hasattr(streamlines, 'streamlines'): streamlines = streamlines.streamlines  # a StreamlineBatch
+        if not isinstance(streamlines, PackedStreamlines):
+            raise ConfigError('pass the inputs as a list of per-streamline tensors (batch.inputs_per_streamline()), '
+                              'or as one tensor with the streamlines as a PackedStreamlines or StreamlineBatch')
+        if len(inputs) != streamlines.nb_points:
+            raise DataError(f'{len(inputs)} input rows for {streamlines.nb_points} streamline points')
+        return inputs.float(), torch.as_tensor(streamlines.lengths, dtype=torch.int64, device=inputs.device)
     inputs = list(inputs)
     if not inputs:
         return torch.zeros((0, 0)), torch.zeros(0, dtype=torch.int64)
     device = inputs[0].device
     lengths = torch.tensor([len(x) for x in inputs], dtype=torch.int64, device=device)
     return torch.cat([x.float() for x in inputs]), lengths
+
+# %% ../nbs/08_models.ipynb
+@patch
+def step(self: DirectionGetterModel, features, previous_dirs=None, state=None):
+    """Advance B streamlines by one point.
+
+    Parameters
+    ----------
+    features : Tensor (B, nb_features)
+        Inputs at the current point of each streamline.
+    previous_dirs : Tensor (B, 3 * use_previous_dirs), optional
+        Most recent step first; zeros (the default) at a seed.
+    state : recurrent state returned by the previous call, or None at a seed.
+
+    Returns
+    -------
+    (Tensor (B, 3), state)
+        Unit direction to the next point and the new recurrent state.
+    """
+    self._check_features(features)
+    if self.use_previous_dirs:
+        if previous_dirs is None:
+            previous_dirs = features.new_zeros((len(features), 3 * self.use_previous_dirs))
+        features = torch.cat([features, previous_dirs], 1)   # tiny here: as it always was, bit for bit
+    out, state = self.rnn(self.embedding(features)[:, None], state)
+    return self._directions(out[:, 0]), state
 
 # %% ../nbs/08_models.ipynb
 def compute_loss_on_batch(model, batch, device):
@@ -297,11 +408,108 @@ def compute_loss_on_batch(model, batch, device):
     """
     if batch.inputs is None:
         raise ConfigError('the batch has no inputs: the model needs a sampler with an input group')
-    streamlines = batch.streamlines_as_tensors(device)
-    inputs = [x.to(device) for x in batch.inputs_per_streamline()]
-    pred = model(inputs, streamlines)
-    target = direction_targets(streamlines, device)
+    # All points at once (no split into per-streamline tensors to concatenate again).
+    pred = model(batch.inputs.to(device), batch.streamlines)
+    target = direction_targets(batch.streamlines, device)
     return cosine_direction_loss(pred, target), len(target)
+
+# %% ../nbs/08_models.ipynb
+def _allowed_region(shape, mask, device):
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(np.asarray(mask.cpu() if torch.is_tensor(mask) else mask), device=device).bool()
+    if tuple(mask.shape) != shape:
+        raise ConfigError(f'the tracking mask has shape {tuple(mask.shape)}, the volume {shape}')
+    return mask
+
+
+def _inside(allowed, points):
+    "Whether each point lies in the volume and in its voxel of the allowed region (corner origin)."
+    vox = torch.floor(points).long()
+    size = torch.tensor(allowed.shape, device=points.device)
+    inside = ((vox >= 0) & (vox < size)).all(1)
+    vox = torch.minimum(vox.clamp(min=0), size - 1)
+    return inside & allowed[vox[:, 0], vox[:, 1], vox[:, 2]]
+
+
+def _checked_inputs(input_fn, coords, model):
+    features = input_fn(coords)
+    if features.shape != (len(coords), model.nb_features):
+        raise ConfigError(f'input_fn returned features of shape {tuple(features.shape)} for {len(coords)} points; '
+                          f'the model expects ({len(coords)}, {model.nb_features})')
+    return features.float()
+
+
+def _select_state(state, idx):
+    "Rows `idx` (along the batch dimension) of an LSTM (h, c) or GRU h state."
+    if isinstance(state, tuple): return tuple(s[:, idx] for s in state)
+    return state[:, idx]
+
+
+def _write_state(state, idx, new):
+    if isinstance(state, tuple):
+        for s, n in zip(state, new): s[:, idx] = n
+    else:
+        state[:, idx] = new
+
+# %% ../nbs/08_models.ipynb
+def _track_forward(model, seeds, initial_directions, input_fn, allowed, step_size, max_nb_steps, max_angle_deg,
+                   progress):
+    nb_seeds, k = len(seeds), model.use_previous_dirs
+    device = seeds.device
+    points = seeds.new_zeros((max_nb_steps + 1, nb_seeds, 3))
+    points[0] = seeds
+    lengths = torch.ones(nb_seeds, dtype=torch.int64, device=device)
+    previous = seeds.new_zeros((nb_seeds, 3 * k))
+    last_dir = seeds.new_zeros((nb_seeds, 3))
+    state = None
+    alive = _inside(allowed, seeds)
+    min_cos = math.cos(math.radians(max_angle_deg))
+    for step in progress_bar(range(max_nb_steps), desc='tracking', disable=not progress, leave=False):
+        idx = torch.nonzero(alive)[:, 0]
+        if len(idx) == 0: break
+        current = points[step, idx]
+        sub_state = None if state is None else _select_state(state, idx)
+        direction, sub_state = model.step(_checked_inputs(input_fn, current, model), previous[idx], sub_state)
+        if state is None:  # allocate the full state once we know its form
+            state = (tuple(s.new_zeros((s.shape[0], nb_seeds, s.shape[2])) for s in sub_state)
+                     if isinstance(sub_state, tuple) else sub_state.new_zeros((sub_state.shape[0], nb_seeds,
+                                                                              sub_state.shape[2])))
+        _write_state(state, idx, sub_state)
+        if step == 0 and initial_directions is not None:
+            direction = initial_directions[idx]
+        turn_ok = (step == 0) | ((direction * last_dir[idx]).sum(1) >= min_cos)
+        nxt = current + step_size * direction
+        ok = turn_ok & (torch.linalg.vector_norm(direction, dim=1) > 0.5) & _inside(allowed, nxt)
+        points[step + 1, idx] = nxt
+        lengths[idx[ok]] += 1
+        alive[idx[~ok]] = False
+        moved = idx[ok]
+        last_dir[moved] = direction[ok]
+        if k:
+            previous[moved] = torch.cat([direction[ok], previous[moved, :3 * (k - 1)]], 1)
+    # Points beyond each streamline's length are never read: select by position < length.
+    keep = torch.arange(max_nb_steps + 1, device=device)[None, :] < lengths[:, None]
+    data = points.transpose(0, 1)[keep].cpu().numpy().astype(np.float32)
+    lengths = lengths.cpu().numpy()
+    logger.debug('tracked %d streamlines, %d points', nb_seeds, len(data))
+    return PackedStreamlines(data.reshape(-1, 3), offsets_from_lengths(lengths), lengths.astype(np.int64))
+
+# %% ../nbs/08_models.ipynb
+def _join_halves(twice, nb_seeds):
+    "Streamline i = reversed backward half i (without its seed) + forward half i."
+    forward_lengths, backward_lengths = twice.lengths[:nb_seeds], twice.lengths[nb_seeds:]
+    backward_offsets = twice.offsets[nb_seeds:]
+    # In the reversed array, backward half i is reversed and ends with its seed: start right after
+    # the offset mirrored from its end, and stop before the seed.
+    reversed_data = twice.data[::-1]
+    n = len(twice.data)
+    starts = np.stack([n - backward_offsets - backward_lengths, n + twice.offsets[:nb_seeds]], 1).ravel()
+    lens = np.stack([backward_lengths - 1, forward_lengths], 1).ravel()
+    both = np.concatenate([reversed_data, twice.data])
+    lengths = backward_lengths - 1 + forward_lengths
+    return PackedStreamlines(both[ranges_to_indices(starts, lens)].reshape(-1, 3), offsets_from_lengths(lengths),
+                             lengths.astype(np.int64))
 
 # %% ../nbs/08_models.ipynb
 def track(model, volume, seeds, step_size_vox, max_nb_steps, input_fn=None, *, initial_directions=None,
@@ -371,101 +579,3 @@ def track(model, volume, seeds, step_size_vox, max_nb_steps, input_fn=None, *, i
             return _join_halves(twice, len(seeds))
     finally:
         model.train(was_training)
-
-
-def _allowed_region(shape, mask, device):
-    if mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    mask = torch.as_tensor(np.asarray(mask.cpu() if torch.is_tensor(mask) else mask), device=device).bool()
-    if tuple(mask.shape) != shape:
-        raise ConfigError(f'the tracking mask has shape {tuple(mask.shape)}, the volume {shape}')
-    return mask
-
-
-def _inside(allowed, points):
-    "Whether each point lies in the volume and in its voxel of the allowed region (corner origin)."
-    vox = torch.floor(points).long()
-    size = torch.tensor(allowed.shape, device=points.device)
-    inside = ((vox >= 0) & (vox < size)).all(1)
-    vox = torch.minimum(vox.clamp(min=0), size - 1)
-    return inside & allowed[vox[:, 0], vox[:, 1], vox[:, 2]]
-
-
-def _checked_inputs(input_fn, coords, model):
-    features = input_fn(coords)
-    if features.shape != (len(coords), model.nb_features):
-        raise ConfigError(f'input_fn returned features of shape {tuple(features.shape)} for {len(coords)} points; '
-                          f'the model expects ({len(coords)}, {model.nb_features})')
-    return features.float()
-
-
-def _select_state(state, idx):
-    "Rows `idx` (along the batch dimension) of an LSTM (h, c) or GRU h state."
-    if isinstance(state, tuple): return tuple(s[:, idx] for s in state)
-    return state[:, idx]
-
-
-def _write_state(state, idx, new):
-    if isinstance(state, tuple):
-        for s, n in zip(state, new): s[:, idx] = n
-    else:
-        state[:, idx] = new
-
-
-def _track_forward(model, seeds, initial_directions, input_fn, allowed, step_size, max_nb_steps, max_angle_deg,
-                   progress):
-    nb_seeds, k = len(seeds), model.use_previous_dirs
-    device = seeds.device
-    points = seeds.new_zeros((max_nb_steps + 1, nb_seeds, 3))
-    points[0] = seeds
-    lengths = torch.ones(nb_seeds, dtype=torch.int64, device=device)
-    previous = seeds.new_zeros((nb_seeds, 3 * k))
-    last_dir = seeds.new_zeros((nb_seeds, 3))
-    state = None
-    alive = _inside(allowed, seeds)
-    min_cos = math.cos(math.radians(max_angle_deg))
-    for step in progress_bar(range(max_nb_steps), desc='tracking', disable=not progress, leave=False):
-        idx = torch.nonzero(alive)[:, 0]
-        if len(idx) == 0: break
-        current = points[step, idx]
-        sub_state = None if state is None else _select_state(state, idx)
-        direction, sub_state = model.step(_checked_inputs(input_fn, current, model), previous[idx], sub_state)
-        if state is None:  # allocate the full state once we know its form
-            state = (tuple(s.new_zeros((s.shape[0], nb_seeds, s.shape[2])) for s in sub_state)
-                     if isinstance(sub_state, tuple) else sub_state.new_zeros((sub_state.shape[0], nb_seeds,
-                                                                              sub_state.shape[2])))
-        _write_state(state, idx, sub_state)
-        if step == 0 and initial_directions is not None:
-            direction = initial_directions[idx]
-        turn_ok = (step == 0) | ((direction * last_dir[idx]).sum(1) >= min_cos)
-        nxt = current + step_size * direction
-        ok = turn_ok & (torch.linalg.vector_norm(direction, dim=1) > 0.5) & _inside(allowed, nxt)
-        points[step + 1, idx] = nxt
-        lengths[idx[ok]] += 1
-        alive[idx[~ok]] = False
-        moved = idx[ok]
-        last_dir[moved] = direction[ok]
-        if k:
-            previous[moved] = torch.cat([direction[ok], previous[moved, :3 * (k - 1)]], 1)
-    # Points beyond each streamline's length are never read: select by position < length.
-    keep = torch.arange(max_nb_steps + 1, device=device)[None, :] < lengths[:, None]
-    data = points.transpose(0, 1)[keep].cpu().numpy().astype(np.float32)
-    lengths = lengths.cpu().numpy()
-    logger.debug('tracked %d streamlines, %d points', nb_seeds, len(data))
-    return PackedStreamlines(data.reshape(-1, 3), offsets_from_lengths(lengths), lengths.astype(np.int64))
-
-
-def _join_halves(twice, nb_seeds):
-    "Streamline i = reversed backward half i (without its seed) + forward half i."
-    forward_lengths, backward_lengths = twice.lengths[:nb_seeds], twice.lengths[nb_seeds:]
-    backward_offsets = twice.offsets[nb_seeds:]
-    # In the reversed array, backward half i is reversed and ends with its seed: start right after
-    # the offset mirrored from its end, and stop before the seed.
-    reversed_data = twice.data[::-1]
-    n = len(twice.data)
-    starts = np.stack([n - backward_offsets - backward_lengths, n + twice.offsets[:nb_seeds]], 1).ravel()
-    lens = np.stack([backward_lengths - 1, forward_lengths], 1).ravel()
-    both = np.concatenate([reversed_data, twice.data])
-    lengths = backward_lengths - 1 + forward_lengths
-    return PackedStreamlines(both[ranges_to_indices(starts, lens)].reshape(-1, 3), offsets_from_lengths(lengths),
-                             lengths.astype(np.int64))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
 from dwiml_nb.core import ConfigError, DataError, PackedStreamlines
-from dwiml_nb.models import (DirectionGetterModel, angular_error_degrees, compute_loss_on_batch,
+from dwiml_nb.models import (DirectionGetterModel, _padded_layout, angular_error_degrees, compute_loss_on_batch,
                              cosine_direction_loss, direction_targets, previous_directions, track)
 from dwiml_nb.sampler import StreamlineBatch
 
@@ -161,6 +161,61 @@ def test_batch_forward_equals_step_by_step_per_streamline(rnn, nb_layers, prev):
     assert batched.shape == (15, 3)
     np.testing.assert_allclose(batched.numpy(), torch.cat(stepwise).numpy(), atol=1e-5)
     np.testing.assert_allclose(torch.linalg.vector_norm(batched, dim=1).numpy(), 1, atol=1e-5)
+
+
+def packed_reference_run(model, inputs, streams):
+    "Outputs and parameter gradients of `model` on its padded path, then on the former packed path."
+    results = []
+    for packed in (False, True):
+        model._packed = packed
+        out = model(inputs, streams)
+        weights = torch.linspace(-1, 2, out.numel()).reshape(out.shape)
+        results.append((out.detach(), torch.autograd.grad((out * weights).sum(), list(model.parameters()))))
+    model._packed = False
+    return results
+
+
+@pytest.mark.parametrize('rnn,nb_layers,prev,max_len', [('lstm', 1, 1, 30), ('gru', 2, 2, 30), ('lstm', 3, 0, 300),
+                                                        ('gru', 1, 1, 300)])
+def test_padded_recurrence_equals_the_packed_reference_outputs_and_gradients(rnn, nb_layers, prev, max_len):
+    # Random lengths with 1- and 2-point streamlines; max_len 300 spreads them over several buckets.
+    torch.manual_seed(1)
+    rng = np.random.default_rng(7)
+    lengths = np.concatenate([[1, 2, 1, 2], rng.integers(1, max_len, 120)])
+    model = DirectionGetterModel(6, hidden_size=12, nb_layers=nb_layers, rnn=rnn, use_previous_dirs=prev,
+                                 dropout=0.4).eval()
+    streams = [torch.tensor(np.cumsum(rng.normal(size=(n, 3)), 0), dtype=torch.float32) for n in lengths]
+    inputs = [torch.randn(n, 6) for n in lengths]
+    assert max_len < 100 or len(_padded_layout(lengths[lengths > 1] - 1)[1]) > 1   # several buckets
+    (padded, padded_grads), (packed, packed_grads) = packed_reference_run(model, inputs, streams)
+    assert padded.shape == (int((lengths - 1).sum()), 3)
+    torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-5)
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_on_a_batch_is_the_loss_of_the_per_streamline_call():
+    # compute_loss_on_batch passes all the points at once; the list form must give the same.
+    rng = np.random.default_rng(8)
+    batch = curve_batch(rng, nb_streamlines=9, nb_points=12)
+    model = DirectionGetterModel(16, hidden_size=8)
+    loss, n = compute_loss_on_batch(model, batch, 'cpu')
+    streams = batch.streamlines_as_tensors()
+    expected = cosine_direction_loss(model(batch.inputs_per_streamline(), streams), direction_targets(streams))
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ConfigError, match='list of per-streamline'):
+        model(batch.inputs, streams)
+
+
+def test_a_checkpoint_of_the_former_model_loads_and_predicts_the_same():
+    torch.manual_seed(2)
+    former = DirectionGetterModel(5, hidden_size=8, nb_layers=2, use_previous_dirs=2)
+    former._packed = True
+    state = former.state_dict()
+    model = DirectionGetterModel(**former.get_params())
+    model.load_state_dict(state)   # strict: the same parameter names
+    inputs, streams = [torch.randn(n, 5) for n in (4, 9)], [torch.cumsum(torch.randn(n, 3), 0) for n in (4, 9)]
+    torch.testing.assert_close(model.eval()(inputs, streams), former.eval()(inputs, streams), rtol=1e-5, atol=1e-6)
 
 
 def test_loss_on_a_real_batch_has_gradients_and_counts_predicted_points():
