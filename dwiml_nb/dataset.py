@@ -16,17 +16,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .core import (ConfigError, DataError, DwimlError, PackedStreamlines, offsets_from_lengths, progress_bar,
                            ranges_to_indices)
 from .augment import streamline_lengths_mm
-from .hdf5 import H5PY_READ_ERRORS, open_dwiml_hdf5, read_group_attrs, read_root_attrs, validate_hdf5
+from .hdf5 import (GROUP_TYPES, H5PY_READ_ERRORS, StreamlineGroupType, VolumeGroupType, is_group_type, open_dwiml_hdf5,
+                           read_group_attrs, read_root_attrs, validate_hdf5)
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'FINGERPRINT_SAMPLE_BYTES', 'BOUNDS_MARGIN_VOX', 'read_packed_streamlines', 'StreamlineGroupInfo',
-           'hdf5_fingerprint', 'MultiSubjectSubset', 'MultiSubjectDataset']
+__all__ = ['logger', 'FINGERPRINT_SAMPLE_BYTES', 'MultisubjectSubset', 'BOUNDS_MARGIN_VOX', 'read_packed_streamlines',
+           'StreamlineGroupInfo', 'hdf5_fingerprint', 'MultiSubjectSubset', 'MultiSubjectDataset']
 
 # %% ../nbs/02_dataset.ipynb
 def _covering_runs(starts, ends, min_hole):
@@ -323,21 +325,14 @@ class _LRUCache:
 # %% ../nbs/02_dataset.ipynb
 @dataclass
 class _Subject:
-    "One subject's metadata (always in RAM), and its data in RAM mode."
+    "One subject's metadata (always in RAM), and its data in RAM mode: field -> group -> value."
     name: str
-    volume_affines: dict
-    volume_shapes: dict
-    streamline_info: dict
-    dps: dict
+    volume_affines: dict = field(default_factory=dict)
+    volume_shapes: dict = field(default_factory=dict)
+    streamline_info: dict = field(default_factory=dict)
+    dps: dict = field(default_factory=dict)
     volumes: dict = field(default_factory=dict)
     streamlines: dict = field(default_factory=dict)
-
-
-def _html_table(header, rows):
-    cell = lambda tag, v: f'<{tag} style="text-align:right">{html.escape(str(v))}</{tag}>'
-    head = ''.join(cell('th', h) for h in header)
-    body = ''.join('<tr>' + ''.join(cell('td', v) for v in row) + '</tr>' for row in rows)
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 class MultiSubjectSubset(torch.utils.data.Dataset):
@@ -347,6 +342,7 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
     memory; in lazy mode volumes are read on demand into an LRU cache of ``cache_size`` volumes
     and streamlines are read on demand, from an HDF5 handle opened once per process (safe in
     DataLoader workers). Picklable; a lazy subset pickles without any volume or point data.
+    dwi_ml's spelling `MultisubjectSubset` is the same class.
     """
     def __init__(self, set_name, hdf5_file, subjects, volume_groups, streamline_groups, nb_features,
                  *, lazy, cache_size, opener=None):
@@ -389,87 +385,7 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
         except H5PY_READ_ERRORS as e:
             raise DataError(_read_failure(name, e), file=self.hdf5_file, subject=subject.name, group=group) from e
 
-    # --- volumes ---
-    def get_volume(self, subj_idx, group):
-        """The volume ``group`` of subject ``subj_idx``: float32 tensor X×Y×Z×F on the CPU.
-
-        The tensor is the one held in RAM or in the cache (no copy): do not modify it in place.
-        """
-        subject = self._subject(subj_idx)
-        self._check_group(group, 'volume')
-        if not self.lazy: return subject.volumes[group]
-        return self._cache.get((subject.name, group), lambda: torch.from_numpy(_finite(
-            self._read(subject, group, lambda data: _as_4d(data[()].astype(np.float32, copy=False))), 'the volume values',
-            file=self.hdf5_file, subject=subject.name, group=group)))
-
-    def get_volume_affine(self, subj_idx, group):
-        "The volume's affine (voxel to RAS+ mm), 4×4 float64."
-        subject = self._subject(subj_idx)
-        self._check_group(group, 'volume')
-        return subject.volume_affines[group].copy()
-
-    def volume_shape(self, subj_idx, group):
-        "The volume's shape (X, Y, Z, F), known without reading it."
-        subject = self._subject(subj_idx)
-        self._check_group(group, 'volume')
-        return subject.volume_shapes[group]
-
-    def cache_info(self):
-        "The lazy volume cache: capacity, size, keys (subject, group) from oldest use, hits, misses."
-        return self._cache.info()
-
-    # --- streamlines ---
-    def get_streamline_info(self, subj_idx, group):
-        "A `StreamlineGroupInfo` (lengths, euclidean lengths, spatial attributes), kept in RAM."
-        subject = self._subject(subj_idx)
-        self._check_group(group, 'streamlines')
-        return subject.streamline_info[group]
-
-    def nb_streamlines(self, subj_idx, group):
-        return len(self.get_streamline_info(subj_idx, group))
-
-    def _check_ids(self, subject, group, ids):
-        ids = torch.as_tensor(ids).numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-        if ids.size == 0: return ids.reshape(0).astype(np.int64)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ConfigError(f'streamline ids must be a 1-D array of int, got {ids.dtype} with shape {ids.shape}',
-                              file=self.hdf5_file, subject=subject.name, group=group)
-        n = len(subject.streamline_info[group])
-        if ids.min() < 0 or ids.max() >= n:
-            bad = ids[(ids < 0) | (ids >= n)][0]
-            raise ConfigError(f'streamline id {bad} is out of range: the group has {n} streamlines',
-                              file=self.hdf5_file, subject=subject.name, group=group)
-        return ids.astype(np.int64, copy=False)
-
-    def get_streamlines(self, subj_idx, group, ids):
-        """Streamlines ``ids`` (any order, repeats allowed) of a subject's group.
-
-        Returns
-        -------
-        PackedStreamlines
-            float32, voxel space with corner origin, in the order of ``ids``. Lazy mode reads
-            one slice covering the ids (a few if they are thinly scattered), then cuts it.
-        """
-        subject = self._subject(subj_idx)
-        self._check_group(group, 'streamlines')
-        ids = self._check_ids(subject, group, ids)
-        if not self.lazy: return subject.streamlines[group].select(ids)
-        info = subject.streamline_info[group]
-        streams = self._read(subject, group, lambda data: read_packed_streamlines(data, info.offsets, info.lengths, ids))
-        _finite(streams.data, 'the streamline points', file=self.hdf5_file, subject=subject.name, group=group)
-        _in_volume(streams.data, info.dimensions, file=self.hdf5_file, subject=subject.name, group=group)
-        return streams
-
-    def get_dps(self, subj_idx, group, key, ids):
-        "Data per streamline ``key`` of streamlines ``ids``, as stored (dwi_ml: float32 (n, 1))."
-        subject = self._subject(subj_idx)
-        self._check_group(group, 'streamlines')
-        if key not in subject.dps[group]:
-            raise ConfigError(f"no data per streamline '{key}'; the group has {list(subject.dps[group])}",
-                              file=self.hdf5_file, subject=subject.name, group=group)
-        return subject.dps[group][key][self._check_ids(subject, group, ids)]
-
-    # --- pickling, closing, display ---
+    # --- pickling, closing ---
     def __getstate__(self):
         state = self.__dict__.copy()
         state['_cache'] = _LRUCache(self.cache_size)  # a worker fills its own
@@ -480,25 +396,10 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
         self._cache.clear()
         self._opener.close()
 
-    def _rows(self):
-        for s in self._subjects:
-            yield [s.name, *(len(s.streamline_info[g]) for g in self.streamline_groups),
-                   *('×'.join(map(str, s.volume_shapes[g])) for g in self.volume_groups)]
 
-    def _header(self):
-        return ['subject', *(f'{g} (streamlines)' for g in self.streamline_groups),
-                *(f'{g} (shape)' for g in self.volume_groups)]
+MultisubjectSubset = MultiSubjectSubset  # dwi_ml's name for the class (dwi_ml.data.dataset.multi_subject_containers)
 
-    def __repr__(self):
-        counts = ', '.join(f'{g}: {sum(len(s.streamline_info[g]) for s in self._subjects)} streamlines'
-                           for g in self.streamline_groups)
-        return (f"MultiSubjectSubset('{self.set_name}', {len(self)} subjects, {'lazy' if self.lazy else 'RAM'}"
-                f"{', ' + counts if counts else ''})")
-
-    def _repr_html_(self):
-        return f'<p>{html.escape(repr(self))}</p>' + _html_table(self._header(), self._rows())
-
-
+# %% ../nbs/02_dataset.ipynb
 def _as_4d(volume):
     "dwi_ml stores X×Y×Z×F; a lone 3-D volume is one feature."
     return volume[..., None] if volume.ndim == 3 else volume
@@ -525,6 +426,41 @@ def _in_volume(points, dims, *, file, subject, group):
         raise DataError(f'streamline points span {low.tolist()}..{high.tolist()} (voxels), outside the volume '
                         f'{list(map(int, dims))} plus {BOUNDS_MARGIN_VOX} voxel', file=file, subject=subject, group=group)
     return points
+
+# %% ../nbs/02_dataset.ipynb
+@patch
+def read(self: VolumeGroupType, g, *, file, subject, group, lazy, loaded):
+    "Affine and shape (X, Y, Z, F) of a volume group; its float32 tensor too unless ``lazy``."
+    if 'data' not in g: raise DataError("volume group has no 'data' dataset", file=file, subject=subject, group=group)
+    shape = tuple(int(n) for n in g['data'].shape)
+    shape = shape + (1,) if len(shape) == 3 else shape
+    if len(shape) != 4:
+        raise DataError(f'volume has shape {shape}; expected X×Y×Z×F', file=file, subject=subject, group=group)
+    attrs = read_group_attrs(g)
+    if 'nb_features' in attrs and int(np.asarray(attrs['nb_features']).reshape(-1)[0]) != shape[3]:
+        raise DataError(f"attribute nb_features={attrs['nb_features']} but the volume has {shape[3]} features",
+                        file=file, subject=subject, group=group)
+    fields = {'volume_affines': np.asarray(attrs.get('affine', np.eye(4)), dtype=np.float64), 'volume_shapes': shape}
+    if not lazy:
+        fields['volumes'] = torch.from_numpy(_finite(_as_4d(_read_checked(g['data'], file=file).astype(np.float32, copy=False)),
+                                                     'the volume values', file=file, subject=subject, group=group))
+    return fields
+
+
+@patch
+def read(self: StreamlineGroupType, g, *, file, subject, group, lazy, loaded):
+    "A `StreamlineGroupInfo` and the data per streamline of a group; its points too unless ``lazy``."
+    info, dps = _read_streamline_group(g, file=file, subject=subject, group=group)
+    shapes = loaded.get('volume_shapes', {})
+    if 'dimensions' not in g.attrs and shapes:  # a foreign file: the subject's grid bounds the points
+        info.dimensions = np.asarray(next(iter(shapes.values()))[:3], dtype=np.int64)
+    fields = {'streamline_info': info, 'dps': dps}
+    if not lazy:
+        points = _finite(_read_checked(g['data'], file=file).astype(np.float32, copy=False), 'the streamline points',
+                         file=file, subject=subject, group=group)
+        _in_volume(points, info.dimensions, file=file, subject=subject, group=group)
+        fields['streamlines'] = PackedStreamlines(points, info.offsets, info.lengths)
+    return fields
 
 # %% ../nbs/02_dataset.ipynb
 class MultiSubjectDataset:
@@ -602,96 +538,205 @@ class MultiSubjectDataset:
         logger.info('%s: %s', self.hdf5_file, ', '.join(f'{len(s)} {k} subjects' for k, s in subsets.items()))
         return self
 
-    def _read_header(self, f):
-        root = read_root_attrs(f)
-        self._root = root
-        self.data_and_time = root.get('data_and_time')
-        self.step_size, self.nb_points, self.compress = root.get('step_size'), root.get('nb_points'), root.get('compress')
-        self.groups_config = root['groups_config']
-        types = {g: (conf or {}).get('type') for g, conf in self.groups_config.items()}
-        unknown = {g: t for g, t in types.items() if t not in ('volume', 'streamlines')}
-        if unknown:
-            raise DataError(f"groups_config has groups of unknown type {unknown}; expected 'volume' or 'streamlines'",
-                            file=self.hdf5_file)
-        self.volume_groups = [g for g, t in types.items() if t == 'volume']
-        self.streamline_groups = [g for g, t in types.items() if t == 'streamlines']
+# %% ../nbs/02_dataset.ipynb
+@patch
+def _read_header(self: MultiSubjectDataset, f):
+    "Root attributes, and the groups of each type in config order."
+    root = read_root_attrs(f)
+    self._root = root
+    self.data_and_time = root.get('data_and_time')
+    self.step_size, self.nb_points, self.compress = root.get('step_size'), root.get('nb_points'), root.get('compress')
+    self.groups_config = root['groups_config']
+    types = {g: (conf or {}).get('type') for g, conf in self.groups_config.items()}
+    unknown = {g: t for g, t in types.items() if not is_group_type(t)}
+    if unknown:
+        raise DataError(f'groups_config has groups of unknown type {unknown}; expected one of {list(GROUP_TYPES)}',
+                        file=self.hdf5_file)
+    # The dataset hands out volumes and streamlines; groups of other registered types stay in the file.
+    self.volume_groups = [g for g, t in types.items() if t == 'volume']
+    self.streamline_groups = [g for g, t in types.items() if t == 'streamlines']
 
-    def _subject_list(self, key):
-        return [str(s) for s in self._root.get(key, [])]
 
-    def _load_subject(self, f, name):
-        if name not in f:
-            raise DataError('is listed in the file but has no group in it', file=self.hdf5_file, subject=name)
-        subj_group = f[name]
-        affines, shapes, infos, dps, volumes, streamlines = {}, {}, {}, {}, {}, {}
-        for group in self.volume_groups + self.streamline_groups:
-            kind = 'volume' if group in self.volume_groups else 'streamlines'
-            if group not in subj_group:
-                raise DataError(f'group is in groups_config but missing for this subject (it has {list(subj_group)})',
-                                file=self.hdf5_file, subject=name, group=group)
-            g = subj_group[group]
-            stored_type = str(read_group_attrs(g).get('type', ''))
-            if stored_type != kind:
-                raise DataError(f"has type '{stored_type}' but groups_config says '{kind}'",
-                                file=self.hdf5_file, subject=name, group=group)
-            if kind == 'volume':
-                affines[group], shapes[group] = self._volume_meta(g, name, group)
-                if not self.lazy: volumes[group] = torch.from_numpy(_finite(
-                    _as_4d(_read_checked(g['data'], file=self.hdf5_file).astype(np.float32, copy=False)), 'the volume values',
-                    file=self.hdf5_file, subject=name, group=group))
-            else:
-                infos[group], dps[group] = _read_streamline_group(g, file=self.hdf5_file, subject=name, group=group)
-                if 'dimensions' not in g.attrs and shapes:  # a foreign file: the subject's grid bounds the points
-                    infos[group].dimensions = np.asarray(next(iter(shapes.values()))[:3], dtype=np.int64)
-                if not self.lazy:
-                    points = _finite(_read_checked(g['data'], file=self.hdf5_file).astype(np.float32, copy=False), 'the streamline points',
-                                     file=self.hdf5_file, subject=name, group=group)
-                    _in_volume(points, infos[group].dimensions, file=self.hdf5_file, subject=name, group=group)
-                    streamlines[group] = PackedStreamlines(points, infos[group].offsets, infos[group].lengths)
-        return _Subject(name, affines, shapes, infos, dps, volumes, streamlines)
+@patch
+def _subject_list(self: MultiSubjectDataset, key):
+    return [str(s) for s in self._root.get(key, [])]
 
-    def _volume_meta(self, g, subject, group):
-        if 'data' not in g: raise DataError("volume group has no 'data' dataset", file=self.hdf5_file, subject=subject, group=group)
-        shape = tuple(int(n) for n in g['data'].shape)
-        shape = shape + (1,) if len(shape) == 3 else shape
-        if len(shape) != 4:
-            raise DataError(f'volume has shape {shape}; expected X×Y×Z×F', file=self.hdf5_file, subject=subject, group=group)
-        attrs = read_group_attrs(g)
-        if 'nb_features' in attrs and int(np.asarray(attrs['nb_features']).reshape(-1)[0]) != shape[3]:
-            raise DataError(f"attribute nb_features={attrs['nb_features']} but the volume has {shape[3]} features",
-                            file=self.hdf5_file, subject=subject, group=group)
-        return np.asarray(attrs.get('affine', np.eye(4)), dtype=np.float64), shape
 
-    def _check_nb_features(self, loaded):
-        self.nb_features = {}
-        for group in self.volume_groups:
-            counts = {s.name: s.volume_shapes[group][3] for s in loaded.values()}
-            if len(set(counts.values())) > 1:
-                raise DataError(f'subjects disagree on the number of features: {counts}', file=self.hdf5_file, group=group)
-            if counts: self.nb_features[group] = next(iter(counts.values()))
+@patch
+def _load_subject(self: MultiSubjectDataset, f, name):
+    "One subject's groups, each read by its group type's `read` (its data too in RAM mode)."
+    if name not in f:
+        raise DataError('is listed in the file but has no group in it', file=self.hdf5_file, subject=name)
+    subj_group, fields = f[name], collections.defaultdict(dict)  # _Subject field -> group -> value
+    for group in self.volume_groups + self.streamline_groups:
+        kind = GROUP_TYPES[self.groups_config[group]['type']]
+        if group not in subj_group:
+            raise DataError(f'group is in groups_config but missing for this subject (it has {list(subj_group)})',
+                            file=self.hdf5_file, subject=name, group=group)
+        g = subj_group[group]
+        stored_type = str(read_group_attrs(g).get('type', ''))
+        if stored_type != kind.name:
+            raise DataError(f"has type '{stored_type}' but groups_config says '{kind.name}'",
+                            file=self.hdf5_file, subject=name, group=group)
+        read = kind.read(g, file=self.hdf5_file, subject=name, group=group, lazy=self.lazy, loaded=fields)
+        for field_name, value in read.items(): fields[field_name][group] = value
+    return _Subject(name, **fields)
 
-    def close(self):
-        "Close this process's HDF5 handle and empty the caches."
-        for s in self.subsets.values(): s.close()
 
-    def __repr__(self):
-        if self.training_set is None: return f"MultiSubjectDataset('{self.hdf5_file}', not loaded: call .load_data())"
-        sets = ', '.join(f'{k}: {len(s)}' for k, s in self.subsets.items())
-        return (f"MultiSubjectDataset('{self.hdf5_file}', {'lazy' if self.lazy else 'RAM'}, subjects {sets}; "
-                f'volume groups {self.volume_groups} (features {self.nb_features}), '
-                f'streamline groups {self.streamline_groups})')
+@patch
+def _check_nb_features(self: MultiSubjectDataset, loaded):
+    self.nb_features = {}
+    for group in self.volume_groups:
+        counts = {s.name: s.volume_shapes[group][3] for s in loaded.values()}
+        if len(set(counts.values())) > 1:
+            raise DataError(f'subjects disagree on the number of features: {counts}', file=self.hdf5_file, group=group)
+        if counts: self.nb_features[group] = next(iter(counts.values()))
 
-    def _repr_html_(self):
-        if self.training_set is None: return f'<p>{html.escape(repr(self))}</p>'
-        header = ['subset', 'subjects', *(f'{g} (streamlines)' for g in self.streamline_groups),
-                  *(f'{g} (points)' for g in self.streamline_groups)]
-        rows = [[k, len(s), *(sum(len(x.streamline_info[g]) for x in s._subjects) for g in self.streamline_groups),
-                 *(sum(int(x.streamline_info[g].lengths.sum()) for x in s._subjects) for g in self.streamline_groups)]
-                for k, s in self.subsets.items()]
-        mode = f'lazy, cache of {self.cache_size} volumes' if self.lazy else 'RAM'
-        resampling = f'step_size={self.step_size}, nb_points={self.nb_points}, compress={self.compress}'
-        vols = ', '.join(f'{g} ({n} features)' for g, n in self.nb_features.items())
-        return (f'<p><b>MultiSubjectDataset</b> <code>{html.escape(str(self.hdf5_file))}</code> ({mode}; '
-                f'{html.escape(resampling)})<br>volumes: {html.escape(vols)}</p>' + _html_table(header, rows) +
-                ''.join(f'<details><summary>{k} subjects</summary>{s._repr_html_()}</details>'
-                        for k, s in self.subsets.items()))
+# %% ../nbs/02_dataset.ipynb
+@patch
+def get_volume(self: MultiSubjectSubset, subj_idx, group):
+    """The volume ``group`` of subject ``subj_idx``: float32 tensor X×Y×Z×F on the CPU.
+
+    The tensor is the one held in RAM or in the cache (no copy): do not modify it in place.
+    """
+    subject = self._subject(subj_idx)
+    self._check_group(group, 'volume')
+    if not self.lazy: return subject.volumes[group]
+    return self._cache.get((subject.name, group), lambda: torch.from_numpy(_finite(
+        self._read(subject, group, lambda data: _as_4d(data[()].astype(np.float32, copy=False))), 'the volume values',
+        file=self.hdf5_file, subject=subject.name, group=group)))
+
+@patch
+def get_volume_affine(self: MultiSubjectSubset, subj_idx, group):
+    "The volume's affine (voxel to RAS+ mm), 4×4 float64."
+    subject = self._subject(subj_idx)
+    self._check_group(group, 'volume')
+    return subject.volume_affines[group].copy()
+
+@patch
+def volume_shape(self: MultiSubjectSubset, subj_idx, group):
+    "The volume's shape (X, Y, Z, F), known without reading it."
+    subject = self._subject(subj_idx)
+    self._check_group(group, 'volume')
+    return subject.volume_shapes[group]
+
+@patch
+def cache_info(self: MultiSubjectSubset):
+    "The lazy volume cache: capacity, size, keys (subject, group) from oldest use, hits, misses."
+    return self._cache.info()
+
+# %% ../nbs/02_dataset.ipynb
+@patch
+def get_streamline_info(self: MultiSubjectSubset, subj_idx, group):
+    "A `StreamlineGroupInfo` (lengths, euclidean lengths, spatial attributes), kept in RAM."
+    subject = self._subject(subj_idx)
+    self._check_group(group, 'streamlines')
+    return subject.streamline_info[group]
+
+@patch
+def nb_streamlines(self: MultiSubjectSubset, subj_idx, group):
+    return len(self.get_streamline_info(subj_idx, group))
+
+@patch
+def _check_ids(self: MultiSubjectSubset, subject, group, ids):
+    ids = torch.as_tensor(ids).numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if ids.size == 0: return ids.reshape(0).astype(np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ConfigError(f'streamline ids must be a 1-D array of int, got {ids.dtype} with shape {ids.shape}',
+                          file=self.hdf5_file, subject=subject.name, group=group)
+    n = len(subject.streamline_info[group])
+    if ids.min() < 0 or ids.max() >= n:
+        bad = ids[(ids < 0) | (ids >= n)][0]
+        raise ConfigError(f'streamline id {bad} is out of range: the group has {n} streamlines',
+                          file=self.hdf5_file, subject=subject.name, group=group)
+    return ids.astype(np.int64, copy=False)
+
+@patch
+def get_streamlines(self: MultiSubjectSubset, subj_idx, group, ids):
+    """Streamlines ``ids`` (any order, repeats allowed) of a subject's group.
+
+    Returns
+    -------
+    PackedStreamlines
+        float32, voxel space with corner origin, in the order of ``ids``. Lazy mode reads
+        one slice covering the ids (a few if they are thinly scattered), then cuts it.
+    """
+    subject = self._subject(subj_idx)
+    self._check_group(group, 'streamlines')
+    ids = self._check_ids(subject, group, ids)
+    if not self.lazy: return subject.streamlines[group].select(ids)
+    info = subject.streamline_info[group]
+    streams = self._read(subject, group, lambda data: read_packed_streamlines(data, info.offsets, info.lengths, ids))
+    _finite(streams.data, 'the streamline points', file=self.hdf5_file, subject=subject.name, group=group)
+    _in_volume(streams.data, info.dimensions, file=self.hdf5_file, subject=subject.name, group=group)
+    return streams
+
+@patch
+def get_dps(self: MultiSubjectSubset, subj_idx, group, key, ids):
+    "Data per streamline ``key`` of streamlines ``ids``, as stored (dwi_ml: float32 (n, 1))."
+    subject = self._subject(subj_idx)
+    self._check_group(group, 'streamlines')
+    if key not in subject.dps[group]:
+        raise ConfigError(f"no data per streamline '{key}'; the group has {list(subject.dps[group])}",
+                          file=self.hdf5_file, subject=subject.name, group=group)
+    return subject.dps[group][key][self._check_ids(subject, group, ids)]
+
+# %% ../nbs/02_dataset.ipynb
+def _html_table(header, rows):
+    cell = lambda tag, v: f'<{tag} style="text-align:right">{html.escape(str(v))}</{tag}>'
+    head = ''.join(cell('th', h) for h in header)
+    body = ''.join('<tr>' + ''.join(cell('td', v) for v in row) + '</tr>' for row in rows)
+    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+@patch
+def _rows(self: MultiSubjectSubset):
+    for s in self._subjects:
+        yield [s.name, *(len(s.streamline_info[g]) for g in self.streamline_groups),
+               *('×'.join(map(str, s.volume_shapes[g])) for g in self.volume_groups)]
+
+@patch
+def _header(self: MultiSubjectSubset):
+    return ['subject', *(f'{g} (streamlines)' for g in self.streamline_groups),
+            *(f'{g} (shape)' for g in self.volume_groups)]
+
+@patch
+def __repr__(self: MultiSubjectSubset):
+    counts = ', '.join(f'{g}: {sum(len(s.streamline_info[g]) for s in self._subjects)} streamlines'
+                       for g in self.streamline_groups)
+    return (f"MultiSubjectSubset('{self.set_name}', {len(self)} subjects, {'lazy' if self.lazy else 'RAM'}"
+            f"{', ' + counts if counts else ''})")
+
+@patch
+def _repr_html_(self: MultiSubjectSubset):
+    return f'<p>{html.escape(repr(self))}</p>' + _html_table(self._header(), self._rows())
+
+
+@patch
+def close(self: MultiSubjectDataset):
+    "Close this process's HDF5 handle and empty the caches."
+    for s in self.subsets.values(): s.close()
+
+@patch
+def __repr__(self: MultiSubjectDataset):
+    if self.training_set is None: return f"MultiSubjectDataset('{self.hdf5_file}', not loaded: call .load_data())"
+    sets = ', '.join(f'{k}: {len(s)}' for k, s in self.subsets.items())
+    return (f"MultiSubjectDataset('{self.hdf5_file}', {'lazy' if self.lazy else 'RAM'}, subjects {sets}; "
+            f'volume groups {self.volume_groups} (features {self.nb_features}), '
+            f'streamline groups {self.streamline_groups})')
+
+@patch
+def _repr_html_(self: MultiSubjectDataset):
+    if self.training_set is None: return f'<p>{html.escape(repr(self))}</p>'
+    header = ['subset', 'subjects', *(f'{g} (streamlines)' for g in self.streamline_groups),
+              *(f'{g} (points)' for g in self.streamline_groups)]
+    rows = [[k, len(s), *(sum(len(x.streamline_info[g]) for x in s._subjects) for g in self.streamline_groups),
+             *(sum(int(x.streamline_info[g].lengths.sum()) for x in s._subjects) for g in self.streamline_groups)]
+            for k, s in self.subsets.items()]
+    mode = f'lazy, cache of {self.cache_size} volumes' if self.lazy else 'RAM'
+    resampling = f'step_size={self.step_size}, nb_points={self.nb_points}, compress={self.compress}'
+    vols = ', '.join(f'{g} ({n} features)' for g, n in self.nb_features.items())
+    return (f'<p><b>MultiSubjectDataset</b> <code>{html.escape(str(self.hdf5_file))}</code> ({mode}; '
+            f'{html.escape(resampling)})<br>volumes: {html.escape(vols)}</p>' + _html_table(header, rows) +
+            ''.join(f'<details><summary>{k} subjects</summary>{s._repr_html_()}</details>'
+                    for k, s in self.subsets.items()))

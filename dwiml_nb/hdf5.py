@@ -17,11 +17,12 @@ import h5py
 import nibabel as nib
 import numpy as np
 import psutil
+from fastcore.basics import patch
 
 from .core import (ConfigError, DataError, DiskFullError, DwimlError, PackedStreamlines, atomic_write,
                            cli_parser, nearest_existing, number_in_range, offsets_from_lengths, progress_bar, regular_input_file,
                            run_cli, setup_logging)
-from .augment import streamline_lengths_mm
+from .augment import compress as compress_streamlines, resample_nb_points, resample_step_size, streamline_lengths_mm
 
 try:
     import resource  # POSIX: the process's file size limit
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'NOT_DEFINED', 'H5PY_READ_ERRORS', 'REQUIRED_ROOT_ATTRS', 'GROUP_TYPES', 'VOLUME_KEYS', 'STREAMLINE_KEYS',
            'UNSUPPORTED_KEYS', 'STANDARDIZATIONS', 'SUBSETS', 'GRID_ATOL', 'STD_EPSILON', 'TRACTOGRAM_SUFFIXES',
            'BORDER_TOLERANCE_VOX', 'ROOM_MARGIN_BYTES', 'CHUNK_TARGET_BYTES', 'POINTS_CHUNK_BYTES',
-           'DESCRIBE_FORMAT_VERSION', 'open_dwiml_hdf5', 'read_root_attrs', 'read_group_attrs', 'validate_hdf5',
-           'load_groups_config', 'read_subject_list', 'check_subject_lists', 'load_volume', 'check_same_grid',
-           'standardize', 'build_volume_group', 'load_tractogram_vox', 'resample_sft', 'build_streamline_group',
-           'create_hdf5_dataset', 'describe_hdf5', 'format_description', 'create_hdf5_main', 'describe_main']
+           'DESCRIBE_FORMAT_VERSION', 'open_dwiml_hdf5', 'read_root_attrs', 'read_group_attrs', 'GroupType',
+           'register_group_type', 'is_group_type', 'group_type', 'VolumeGroupType', 'StreamlineGroupType',
+           'validate_hdf5', 'load_groups_config', 'read_subject_list', 'check_subject_lists', 'load_volume',
+           'check_same_grid', 'standardize', 'build_volume_group', 'load_tractogram_vox', 'resample_streamlines',
+           'build_streamline_group', 'create_hdf5_dataset', 'describe_hdf5', 'format_description', 'create_hdf5_main',
+           'describe_main']
 
 # %% ../nbs/01_hdf5.ipynb
 NOT_DEFINED = 'Not defined by user'
@@ -45,7 +48,6 @@ NOT_DEFINED = 'Not defined by user'
 # these, depending on which structure broke; all mean "this file cannot be trusted".
 H5PY_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 REQUIRED_ROOT_ATTRS = ('groups_config', 'training_subjs', 'validation_subjs', 'testing_subjs')
-GROUP_TYPES = ('volume', 'streamlines')
 
 
 def open_dwiml_hdf5(path):
@@ -110,10 +112,7 @@ def _check_layout(f, path):
         for group, node in f[subj].items():
             if not isinstance(node, h5py.Group):
                 raise DataError('is a dataset, expected a group', file=path, subject=subj, group=group)
-            kind = _str(node.attrs.get('type'))
-            if kind not in GROUP_TYPES:
-                raise DataError(f"has type {kind!r}, expected one of {list(GROUP_TYPES)}",
-                                file=path, subject=subj, group=group)
+            group_type(_str(node.attrs.get('type')), file=path, subject=subj, group=group)  # a known type, or DataError
             if 'data' not in node:
                 raise DataError("has no 'data' dataset", file=path, subject=subj, group=group)
             node['data'].shape  # touching every dataset header finds truncation early
@@ -229,6 +228,140 @@ def _check_root_attr_types(f, path):
             raise DataError(f"root attribute '{key}' is {_kind_of(value)}; expected a number or '{NOT_DEFINED}'", file=path)
 
 # %% ../nbs/01_hdf5.ipynb
+class GroupType:
+    """What one ``type`` of group means: its config keys, attributes, datasets and operations.
+
+    Class attributes
+    ----------------
+    name : str
+        The value of the group's ``type`` attribute (and of ``'type'`` in the groups config).
+    config_keys : tuple of str
+        Keys a groups-config entry of this type may hold.
+    attrs : dict
+        attribute -> (dtype kinds, shape, what to say): checked when present (absent is allowed).
+    datasets : dict
+        dataset -> (dtype kinds, numbers of dimensions, what to say): checked when present.
+    required_datasets : tuple of str
+        Datasets every group of this type holds.
+    build_order : int
+        The builder builds a subject's groups by increasing order (volumes first: they give the grid).
+    totals : tuple of str
+        Keys of `describe` that `describe_hdf5` sums over the subjects.
+    """
+    name = None
+    config_keys = ('type', 'files')
+    attrs = {}
+    datasets = {}
+    required_datasets = ('data',)
+    build_order = 1
+    totals = ()
+
+    def __repr__(self): return f'{type(self).__name__}()'
+
+    def validate(self, node, path, subject, group):
+        "Check the group's attributes then datasets (dtype, shape); raise `DataError` naming where."
+        self.validate_attrs(node, path, subject, group)
+        self.validate_datasets(node, path, subject, group)
+
+    def validate_attrs(self, node, path, subject, group):
+        "Type and shape of each known attribute (absent ones are allowed)."
+        for key, (kinds, shape, what) in self.attrs.items():
+            if key not in node.attrs: continue
+            value = node.attrs[key]
+            if kinds == 'str':
+                ok = _is_str_attr(value)
+            else:
+                arr = np.asarray(value)
+                ok = arr.dtype.kind in kinds and (arr.shape == shape or (shape == () and arr.size == 1))
+                ok = ok and (arr.dtype.kind != 'f' or bool(np.isfinite(arr).all()))
+            if not ok:
+                raise DataError(f"attribute '{key}' is {_kind_of(value)}; expected {what}" +
+                                ('' if kinds == 'str' else ', finite'), file=path, subject=subject, group=group)
+
+    def validate_datasets(self, node, path, subject, group):
+        "The datasets the group must or may hold: present, dtype and number of dimensions."
+        def bad(msg): return DataError(msg, file=path, subject=subject, group=group)
+        for name in self.required_datasets:
+            if name not in node: raise bad(f"{self.name} group has no '{name}' dataset")
+        for name, (kinds, ndims, what) in self.datasets.items():
+            if name not in node: continue
+            dset = node[name]
+            if not isinstance(dset, h5py.Dataset): raise bad(f"'{name}' is a group; expected {what}")
+            if dset.dtype.kind not in kinds or dset.ndim not in ndims:
+                raise bad(f"dataset '{name}' is a {dset.dtype} array of shape {dset.shape}; expected {what}")
+
+
+GROUP_TYPES = {}  # type name -> GroupType instance; iteration order = registration order
+
+
+def register_group_type(cls):
+    """Class decorator: register group type ``cls`` under ``cls.name`` in `GROUP_TYPES`.
+
+    The builder, the validator, `describe_hdf5` and the dataset then handle groups of that type.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, GroupType)) or not isinstance(cls.name, str) or not cls.name:
+        raise ConfigError(f'a group type is a GroupType subclass with a non-empty str `name`, got {cls!r}')
+    GROUP_TYPES[cls.name] = cls()
+    return cls
+
+
+def is_group_type(kind):
+    "True when ``kind`` (any value read from a file or a config) names a registered group type."
+    return isinstance(kind, str) and kind in GROUP_TYPES
+
+
+def group_type(kind, *, file=None, subject=None, group=None):
+    "The registered `GroupType` named ``kind``; `DataError` naming file, subject and group if none is."
+    if not is_group_type(kind):
+        raise DataError(f'has type {kind!r}, expected one of {list(GROUP_TYPES)}', file=file, subject=subject, group=group)
+    return GROUP_TYPES[kind]
+
+# %% ../nbs/01_hdf5.ipynb
+@register_group_type
+class VolumeGroupType(GroupType):
+    "A subject's image: ``data`` X×Y×Z×F float32 and the grid it lives on (see `build_volume_group`)."
+    name = 'volume'
+    config_keys = ('type', 'files', 'standardization', 'std_mask')
+    attrs = {'affine': ('iuf', (4, 4), 'a 4×4 array of numbers'), 'voxres': ('iuf', (3,), '3 numbers'),
+             'nb_features': ('iu', (), 'an integer')}
+    datasets = {'data': ('biuf', (3, 4), 'a 3-D or 4-D array of real numbers (float, int or bool)')}
+    build_order = 0
+
+
+@register_group_type
+class StreamlineGroupType(GroupType):
+    "A subject's tractogram, packed: ``data`` (points, voxel space, corner origin), ``offsets``, ``lengths``..."
+    name = 'streamlines'
+    config_keys = ('type', 'files', 'dps_keys')
+    attrs = {'affine': ('iuf', (4, 4), 'a 4×4 array of numbers'), 'dimensions': ('iu', (3,), '3 integers'),
+             'voxel_sizes': ('iuf', (3,), '3 numbers'), 'voxel_order': ('str', None, 'a str'),
+             'space': ('str', None, 'a str'), 'origin': ('str', None, 'a str')}
+    datasets = {'data': ('iuf', (2,), 'an (N_points, 3) array of real numbers'),
+                'offsets': ('iu', (1,), 'a 1-D array of integers'), 'lengths': ('iu', (1,), 'a 1-D array of integers'),
+                'euclidean_lengths': ('iuf', (1, 2), 'a 1-D array of numbers')}
+    required_datasets = ('data', 'offsets', 'lengths')
+    totals = ('nb_streamlines', 'nb_points')
+
+    def validate_attrs(self, node, path, subject, group):
+        super().validate_attrs(node, path, subject, group)
+        if 'dimensions' in node.attrs and (np.asarray(node.attrs['dimensions']) <= 0).any():
+            raise DataError(f"attribute 'dimensions' is {list(node.attrs['dimensions'])}; expected 3 integers > 0",
+                            file=path, subject=subject, group=group)
+
+    def validate_datasets(self, node, path, subject, group):
+        super().validate_datasets(node, path, subject, group)
+        def bad(msg): return DataError(msg, file=path, subject=subject, group=group)
+        if node['data'].shape[1] != 3: raise bad(f"dataset 'data' has shape {node['data'].shape}; expected (N_points, 3)")
+        dps = node.get('data_per_streamline')
+        if dps is not None:
+            if not isinstance(dps, h5py.Group): raise bad("'data_per_streamline' is a dataset; expected a group of datasets")
+            for key, d in dps.items():
+                if not isinstance(d, h5py.Dataset) or d.dtype.kind not in 'biuf':
+                    raise bad(f"data_per_streamline '{key}' is {d.dtype if isinstance(d, h5py.Dataset) else 'a group'}; "
+                              'expected an array of numbers')
+        _check_offsets(node, path, subject, group)
+
+# %% ../nbs/01_hdf5.ipynb
 def _where(name):
     "(subject, group) of an HDF5 path 'subject/group/...' (None where absent)."
     parts = [p for p in name.split('/') if p]
@@ -293,67 +426,6 @@ def _check_subject_names(root, path):
             seen[norm] = (subset, name)
 
 # %% ../nbs/01_hdf5.ipynb
-# attribute -> (dtype kinds accepted, shape, what to say)
-_GROUP_ATTRS = {
-    'volume': {'affine': ('iuf', (4, 4), 'a 4×4 array of numbers'), 'voxres': ('iuf', (3,), '3 numbers'),
-               'nb_features': ('iu', (), 'an integer')},
-    'streamlines': {'affine': ('iuf', (4, 4), 'a 4×4 array of numbers'), 'dimensions': ('iu', (3,), '3 integers'),
-                    'voxel_sizes': ('iuf', (3,), '3 numbers'), 'voxel_order': ('str', None, 'a str'),
-                    'space': ('str', None, 'a str'), 'origin': ('str', None, 'a str')},
-}
-
-
-def _check_group_attrs(node, path, subject, group, kind):
-    "Type and shape of each known attribute of a volume or streamline group (absent ones are allowed)."
-    for key, (kinds, shape, what) in _GROUP_ATTRS[kind].items():
-        if key not in node.attrs: continue
-        value = node.attrs[key]
-        if kinds == 'str':
-            ok = _is_str_attr(value)
-        else:
-            arr = np.asarray(value)
-            ok = arr.dtype.kind in kinds and (arr.shape == shape or (shape == () and arr.size == 1))
-            ok = ok and (arr.dtype.kind != 'f' or bool(np.isfinite(arr).all()))
-        if not ok:
-            raise DataError(f"attribute '{key}' is {_kind_of(value)}; expected {what}" +
-                            ('' if kinds == 'str' else ', finite'), file=path, subject=subject, group=group)
-    if kind == 'streamlines' and 'dimensions' in node.attrs and (np.asarray(node.attrs['dimensions']) <= 0).any():
-        raise DataError(f"attribute 'dimensions' is {list(node.attrs['dimensions'])}; expected 3 integers > 0",
-                        file=path, subject=subject, group=group)
-
-# %% ../nbs/01_hdf5.ipynb
-# dataset -> (dtype kinds accepted, accepted numbers of dimensions, what to say)
-_GROUP_DATASETS = {
-    'volume': {'data': ('biuf', (3, 4), 'a 3-D or 4-D array of real numbers (float, int or bool)')},
-    'streamlines': {'data': ('iuf', (2,), 'an (N_points, 3) array of real numbers'),
-                    'offsets': ('iu', (1,), 'a 1-D array of integers'), 'lengths': ('iu', (1,), 'a 1-D array of integers'),
-                    'euclidean_lengths': ('iuf', (1, 2), 'a 1-D array of numbers')},
-}
-
-
-def _check_group_datasets(node, path, subject, group, kind):
-    "The datasets a group must (data; offsets and lengths for streamlines) or may hold: dtype and shape."
-    def bad(msg): return DataError(msg, file=path, subject=subject, group=group)
-    required = ('data',) if kind == 'volume' else ('data', 'offsets', 'lengths')
-    for name in required:
-        if name not in node: raise bad(f"{kind} group has no '{name}' dataset")
-    for name, (kinds, ndims, what) in _GROUP_DATASETS[kind].items():
-        if name not in node: continue
-        dset = node[name]
-        if not isinstance(dset, h5py.Dataset): raise bad(f"'{name}' is a group; expected {what}")
-        if dset.dtype.kind not in kinds or dset.ndim not in ndims:
-            raise bad(f"dataset '{name}' is a {dset.dtype} array of shape {dset.shape}; expected {what}")
-    if kind == 'streamlines':
-        if node['data'].shape[1] != 3: raise bad(f"dataset 'data' has shape {node['data'].shape}; expected (N_points, 3)")
-        dps = node.get('data_per_streamline')
-        if dps is not None:
-            if not isinstance(dps, h5py.Group): raise bad("'data_per_streamline' is a dataset; expected a group of datasets")
-            for key, d in dps.items():
-                if not isinstance(d, h5py.Dataset) or d.dtype.kind not in 'biuf':
-                    raise bad(f"data_per_streamline '{key}' is {d.dtype if isinstance(d, h5py.Dataset) else 'a group'}; "
-                              'expected an array of numbers')
-
-
 _MAX_INDEX = 2 ** 62  # offsets and lengths below this add up without overflowing int64
 
 
@@ -377,10 +449,10 @@ def _check_offsets(node, path, subject, group):
                         f'offset {offsets[first]}, length {lengths[first]})', file=path, subject=subject, group=group)
 
 
-def _check_fits_in_ram(f, path, subjects, volume_groups, streamline_groups):
+def _check_fits_in_ram(f, path, subjects, groups):
     "RAM mode holds every volume and point as float32: refuse before allocating what cannot fit."
     needed = sum(int(np.prod(f[s][g]['data'].shape, dtype=object)) * 4
-                 for s in subjects for g in [*volume_groups, *streamline_groups] if g in f[s] and 'data' in f[s][g])
+                 for s in subjects for g in groups if g in f[s] and 'data' in f[s][g])
     available = psutil.virtual_memory().available
     if needed > available:
         raise DataError(f'holding it in RAM needs {needed / 1e9:.1f} GB (float32) but only {available / 1e9:.1f} GB '
@@ -411,23 +483,20 @@ def validate_hdf5(f, path, lazy=True):
     root = read_root_attrs(f)
     _check_subject_names(root, path)
     types = {g: (c or {}).get('type') if isinstance(c, dict) else None for g, c in root['groups_config'].items()}
-    bad = {g: t for g, t in types.items() if t not in GROUP_TYPES}
+    bad = {g: t for g, t in types.items() if not is_group_type(t)}
     if bad: raise DataError(f'groups_config has groups of unknown type {bad}; expected one of {list(GROUP_TYPES)}', file=path)
     subjects = [s for k in ('training_subjs', 'validation_subjs', 'testing_subjs') for s in root[k]]
     for subject in subjects:
         for group, kind in types.items():
             if group not in f[subject]: continue  # the dataset says which groups must be there
             node = f[subject][group]
-            _check_group_attrs(node, path, subject, group, kind)
-            _check_group_datasets(node, path, subject, group, kind)
-            if kind == 'streamlines': _check_offsets(node, path, subject, group)
+            GROUP_TYPES[kind].validate(node, path, subject, group)
     if not lazy:
-        _check_fits_in_ram(f, path, subjects, [g for g, t in types.items() if t == 'volume'],
-                           [g for g, t in types.items() if t == 'streamlines'])
+        _check_fits_in_ram(f, path, subjects, list(types))
 
 # %% ../nbs/01_hdf5.ipynb
-VOLUME_KEYS = ('type', 'files', 'standardization', 'std_mask')
-STREAMLINE_KEYS = ('type', 'files', 'dps_keys')
+VOLUME_KEYS = VolumeGroupType.config_keys
+STREAMLINE_KEYS = StreamlineGroupType.config_keys
 UNSUPPORTED_KEYS = ('connectivity_matrix', 'connectivity_nb_blocs', 'connectivity_labels')
 STANDARDIZATIONS = ('all', 'independent', 'per_file', 'none')
 
@@ -477,26 +546,42 @@ def load_groups_config(config):
         if not isinstance(conf, dict): fail(f'must be an object {{"type": ..., "files": [...]}}, got {conf!r}')
         if 'type' not in conf: fail(f"has no 'type' (one of {list(GROUP_TYPES)})")
         kind = conf['type']
-        if kind not in GROUP_TYPES: fail(f"type {kind!r} is not supported; expected one of {list(GROUP_TYPES)}")
+        if not is_group_type(kind): fail(f"type {kind!r} is not supported; expected one of {list(GROUP_TYPES)}")
         unsupported = [k for k in conf if k in UNSUPPORTED_KEYS]
         if unsupported: fail(f'{unsupported}: connectivity matrices are not supported by dwiml-nb')
-        allowed = VOLUME_KEYS if kind == 'volume' else STREAMLINE_KEYS
-        unknown = [k for k in conf if k not in allowed]
-        if unknown: fail(f'unknown key(s) {unknown} for a {kind} group; allowed keys: {list(allowed)}')
-        if 'files' not in conf: fail("has no 'files'")
         try:
-            _as_str_list(conf['files'], 'files', group)
-            if kind == 'volume':
-                if conf.get('standardization') not in STANDARDIZATIONS:
-                    fail(f"'standardization' must be one of {list(STANDARDIZATIONS)}, got {conf.get('standardization')!r}")
-                if 'std_mask' in conf: _as_str_list(conf['std_mask'], 'std_mask', group)
-            elif not isinstance(conf.get('dps_keys', []), (list, tuple)) or \
-                    not all(isinstance(k, str) for k in conf.get('dps_keys', [])):
-                fail(f"'dps_keys' must be a list of str, got {conf['dps_keys']!r}")
+            GROUP_TYPES[kind].check_config(conf, group)
         except ConfigError as e:
             if file is None: raise
             raise ConfigError(e.problem, file=file, group=group) from e
     return config
+
+# %% ../nbs/01_hdf5.ipynb
+@patch
+def check_config(self: GroupType, conf, group):
+    "Check one groups-config entry of this type: known keys and 'files'; raise `ConfigError`."
+    unknown = [k for k in conf if k not in self.config_keys]
+    if unknown: raise ConfigError(f'unknown key(s) {unknown} for a {self.name} group; allowed keys: '
+                                  f'{list(self.config_keys)}', group=group)
+    if 'files' not in conf: raise ConfigError("has no 'files'", group=group)
+    _as_str_list(conf['files'], 'files', group)
+
+
+@patch
+def check_config(self: VolumeGroupType, conf, group):
+    GroupType.check_config(self, conf, group)
+    if conf.get('standardization') not in STANDARDIZATIONS:
+        raise ConfigError(f"'standardization' must be one of {list(STANDARDIZATIONS)}, got "
+                          f"{conf.get('standardization')!r}", group=group)
+    if 'std_mask' in conf: _as_str_list(conf['std_mask'], 'std_mask', group)
+
+
+@patch
+def check_config(self: StreamlineGroupType, conf, group):
+    GroupType.check_config(self, conf, group)
+    keys = conf.get('dps_keys', [])
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"'dps_keys' must be a list of str, got {conf['dps_keys']!r}", group=group)
 
 # %% ../nbs/01_hdf5.ipynb
 SUBSETS = ('training_subjs', 'validation_subjs', 'testing_subjs')
@@ -533,8 +618,36 @@ def check_subject_lists(training, validation, testing):
 GRID_ATOL = 1e-3  # mm; the tolerance dipy uses to call two headers compatible
 
 
+_READ_BLOCK_BYTES = 16 << 20  # a volume is read in blocks of about this size
+
+
+def _read_float32(img):
+    """The image's data as float32 X×Y×Z×F, read block by block into one array.
+
+    Each block is a range of z of one feature: contiguous in the (Fortran-ordered) file, read in
+    file order, so a .nii.gz is decompressed once. Reading whole (``get_fdata``) would hold the
+    file's bytes and the array at once (2× the volume), and a memory-mapped .nii would add the
+    mapped pages to the array once standardized in place.
+    """
+    shape = img.shape
+    if len(shape) not in (3, 4): return np.asarray(img.get_fdata(dtype=np.float32))  # load_volume says why
+    out = np.empty((*shape[:3], shape[3] if len(shape) == 4 else 1), np.float32)
+    proxy = img.dataobj
+    # the computation get_fdata(dtype=float32) does, on one block (nibabel's ArrayProxy)
+    scaled = ((lambda index: proxy._get_scaled(dtype=np.float32, slicer=index)) if hasattr(proxy, '_get_scaled')
+              else (lambda index: np.asarray(proxy[index])))
+    z_step = max(1, _READ_BLOCK_BYTES // max(1, shape[0] * shape[1] * 4))
+    for k in range(out.shape[3]):
+        for z in range(0, shape[2], z_step):
+            index = (slice(None), slice(None), slice(z, z + z_step), *((k,) if len(shape) == 4 else ()))
+            out[:, :, z:z + z_step, k] = scaled(index)
+    return out
+
+
 def load_volume(path, *, subject=None, group=None):
     """Load a .nii/.nii.gz file as float32 X×Y×Z×F; return ``(data, affine, voxres)``.
+
+    Memory: the returned array and one block of the file (see `_read_float32`).
 
     Raises `DataError` when the file cannot be read, is not 3-D/4-D, or holds NaN/Inf.
     """
@@ -543,14 +656,16 @@ def load_volume(path, *, subject=None, group=None):
     if not path.name.endswith(('.nii', '.nii.gz')):
         raise DataError('is not a .nii or .nii.gz volume', **where)
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        # one open file for all blocks (a .nii.gz reopened per block would be decompressed from its start each time)
+        img = nib.load(str(path), mmap=False, keep_file_open=True)
+        data = _read_float32(img)
     except Exception as e:  # nibabel raises many kinds for a broken file
         raise DataError(f'cannot be read as NIfTI ({type(e).__name__}: {e})', **where) from e
     if data.ndim == 3: data = data[..., None]
     if data.ndim != 4:
         raise DataError(f'has shape {data.shape}; expected a 3-D or 4-D volume', **where)
-    bad = np.count_nonzero(~np.isfinite(data))
+    # counted one feature at a time: no full-size boolean temporaries
+    bad = sum(data[..., k].size - np.count_nonzero(np.isfinite(data[..., k])) for k in range(data.shape[3]))
     if bad:
         raise DataError(f'contains {bad} NaN/Inf value(s)', **where)
     return data, img.affine.astype(np.float64), np.asarray(img.header.get_zooms()[:3], dtype=np.float32)
@@ -568,9 +683,30 @@ def check_same_grid(ref, other, *, what, file=None, subject=None, group=None):
 
 # %% ../nbs/01_hdf5.ipynb
 STD_EPSILON = 1e-6
+_SLAB_BYTES = 16 << 20  # float64 temporaries are made one slab of the volume (about this size) at a time
 
 
-def standardize(data, mask=None, independent=False):
+def _slabs(shape):
+    "Ranges [a, b) of the first axis, each about `_SLAB_BYTES` of float64 over the other axes."
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * 8)
+    step = max(1, _SLAB_BYTES // row)
+    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
+def _masked_mean_std(data, mask, independent):
+    "Mean and population std (float64) of ``data[mask]``, one slab at a time: no float64 copy of the volume."
+    slabs, nb_features = _slabs(data.shape), data.shape[-1]
+    count = int(np.count_nonzero(mask))
+    if count == 0: raise DataError('the standardization mask selects no voxel')
+    sums = sum(data[a:b][mask[a:b]].sum(axis=0, dtype=np.float64) for a, b in slabs)
+    mean = sums / count if independent else sums.sum() / (count * nb_features)
+    # Two passes (sum of squared deviations from the mean) as numpy's std: no cancellation.
+    squares = sum(np.square(data[a:b][mask[a:b]] - mean).sum(axis=0) for a, b in slabs)
+    var = squares / count if independent else squares.sum() / (count * nb_features)
+    return mean, np.sqrt(var)
+
+
+def standardize(data, mask=None, independent=False, *, out=None):
     """Standardize a X×Y×Z×F volume; return float32.
 
     Parameters
@@ -580,14 +716,25 @@ def standardize(data, mask=None, independent=False):
         Voxels giving the statistics; default: voxels where all features are non-zero.
     independent : bool
         One mean/std per feature (True) or one for all features (False).
+    out : float32 ndarray (X, Y, Z, F), optional
+        Where to write the result; ``out=data`` standardizes a float32 volume in place (the
+        builder does, to hold one copy of each volume). Default: a new array.
+
+    Returns
+    -------
+    float32 ndarray (X, Y, Z, F)
+        ``(data - mean) / max(std, STD_EPSILON)``, computed in float64 one slab at a time, so the
+        memory used is ``out`` plus a few MB, whatever the volume's size.
     """
-    mask = np.all(data != 0, axis=-1) if mask is None else np.asarray(mask, bool)
-    values = data[mask].astype(np.float64)  # (n_voxels, F)
-    if values.shape[0] == 0:
-        raise DataError('the standardization mask selects no voxel')
-    axis = 0 if independent else None
-    mean, std = values.mean(axis=axis), values.std(axis=axis)
-    return ((data - mean) / np.maximum(std, STD_EPSILON)).astype(np.float32)
+    if mask is None:  # built slab by slab: no X×Y×Z×F boolean temporary
+        mask = np.concatenate([np.all(data[a:b] != 0, axis=-1) for a, b in _slabs(data.shape)])
+    mask = np.asarray(mask, bool)
+    mean, std = _masked_mean_std(data, mask, independent)
+    divisor = np.maximum(std, STD_EPSILON)
+    out = np.empty(data.shape, np.float32) if out is None else out
+    for a, b in _slabs(data.shape):
+        out[a:b] = (data[a:b] - mean) / divisor
+    return out
 
 # %% ../nbs/01_hdf5.ipynb
 def _std_mask(subj_dir, conf, ref, subject, group):
@@ -600,8 +747,21 @@ def _std_mask(subj_dir, conf, ref, subject, group):
     return mask
 
 
+def _header_nb_features(path):
+    "Features of a NIfTI file from its header alone (None when the header cannot tell: load it to learn why)."
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # load_volume reports it properly
+        return None
+    return 1 if len(shape) == 3 else (int(shape[3]) if len(shape) == 4 else None)
+
+
 def build_volume_group(subj_dir, group, conf, *, subject=None):
     """Load, check, concatenate and standardize the files of one volume group of one subject.
+
+    Memory: the group's volume is allocated once (from the files' headers) and each file is
+    copied into it then freed; standardization runs in place. Peak: the group's volume plus one
+    file's data.
 
     Returns
     -------
@@ -612,7 +772,7 @@ def build_volume_group(subj_dir, group, conf, *, subject=None):
     subj_dir = Path(subj_dir)
     files = _resolve_files(subj_dir, _as_str_list(conf['files'], 'files', group), subject, group)
     mode = conf['standardization']
-    parts, ref, mask = [], None, None
+    out, parts, ref, mask, start = None, [], None, None, 0
     for path in files:
         data, affine, voxres = load_volume(path, subject=subject, group=group)
         if ref is None:
@@ -621,22 +781,68 @@ def build_volume_group(subj_dir, group, conf, *, subject=None):
                 if 'std_mask' in conf: log.warning("group '%s': std_mask is ignored with standardization 'none'", group)
             else:
                 mask = _std_mask(subj_dir, conf, ref, subject, group)
+            counts = [data.shape[-1], *(_header_nb_features(p) for p in files[1:])]
+            if len(files) > 1 and None not in counts:  # else a file fails to load below, and says why
+                out = np.empty((*data.shape[:3], sum(counts)), np.float32)
         else:
             check_same_grid(ref, (data.shape, affine), what=f'{ref_file.name}', file=path, subject=subject, group=group)
         if mode == 'per_file':
-            data = _standardize_at(data, mask, False, path, subject, group)
-        parts.append(data)
-    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+            data = _standardize_at(data, mask, False, path, subject, group, out=data)
+        if out is None:
+            parts.append(data)
+        else:
+            out[..., start:start + data.shape[-1]] = data
+        start += data.shape[-1]
+        del data  # this file's array is freed before the next one is loaded
+    if out is None: out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
     if mode in ('all', 'independent'):
-        data = _standardize_at(data, mask, mode == 'independent', files[0], subject, group)
-    return data, ref[1], ref_voxres
+        out = _standardize_at(out, mask, mode == 'independent', files[0], subject, group, out=out)
+    return out, ref[1], ref_voxres
 
 
-def _standardize_at(data, mask, independent, path, subject, group):
+def _standardize_at(data, mask, independent, path, subject, group, out=None):
     try:
-        return standardize(data, mask, independent)
+        return standardize(data, mask, independent, out=out)
     except DataError as e:
         raise DataError(e.problem, file=path, subject=subject, group=group) from None
+
+# %% ../nbs/01_hdf5.ipynb
+@patch
+def build(self: VolumeGroupType, subj_dir, group, conf, *, subject, context):
+    """Build one volume group of one subject (see `build_volume_group`); return what `write` stores.
+
+    ``context`` is shared by the subject's groups: the first volume group sets its ``'grid'``
+    (shape, affine, group) and ``'reference'`` (its first file) for the groups built after it.
+    """
+    data, affine, voxres = build_volume_group(subj_dir, group, conf, subject=subject)
+    if 'grid' not in context:
+        context['grid'] = (data.shape, affine, group)
+        context['reference'] = _resolve_files(Path(subj_dir), _as_str_list(conf['files'], 'files', group), subject, group)[0]
+    else:
+        shape, ref_affine, ref_group = context['grid']
+        check_same_grid((shape, ref_affine), (data.shape, affine), what=f"volume group '{ref_group}'",
+                        subject=subject, group=group)
+    return {'data': data, 'affine': affine, 'voxres': voxres}
+
+
+@patch
+def write(self: VolumeGroupType, h5group, built, room=None):
+    "Store a built volume group in ``h5group`` (dwi_ml's attributes and dtypes)."
+    _write_array(h5group, 'data', built['data'], room)
+    h5group.attrs['type'] = self.name
+    h5group.attrs['affine'] = built['affine']
+    h5group.attrs['voxres'] = built['voxres']
+    h5group.attrs['nb_features'] = np.int64(built['data'].shape[-1])
+
+
+@patch
+def nb_features(self: GroupType, built):
+    "Features a model reads from this built group (None: not an input); equal over subjects."
+    return None
+
+
+@patch
+def nb_features(self: VolumeGroupType, built): return int(built['data'].shape[-1])
 
 # %% ../nbs/01_hdf5.ipynb
 def _resolve_files(subj_dir, patterns, subject, group):
@@ -752,25 +958,27 @@ def _check_streamlines(sft, where):
                         f'(voxel space, corner origin; first: #{int(bad_streamlines[0])})', **where)
 
 # %% ../nbs/01_hdf5.ipynb
-def resample_sft(sft, *, step_size=None, nb_points=None, compress=None):
-    "Resample / compress a StatefulTractogram in mm; return a new one in voxel space, corner origin."
-    from dipy.io.stateful_tractogram import StatefulTractogram
-    from dipy.tracking.streamlinespeed import compress_streamlines, length, set_number_of_points
-    if step_size is None and nb_points is None and compress is None:
-        return sft
-    sft.to_rasmm()
-    streamlines = list(sft.streamlines)
-    if nb_points is not None:
-        streamlines = set_number_of_points(streamlines, nb_points=int(nb_points))
-    elif step_size is not None:
-        counts = np.maximum(np.ceil(np.asarray(length(streamlines)) / step_size), 2).astype(int)
-        streamlines = [set_number_of_points(s, nb_points=int(n)) for s, n in zip(streamlines, counts)]
-    else:
-        streamlines = compress_streamlines(streamlines, tol_error=compress)
-    out = StatefulTractogram.from_sft(streamlines, sft, data_per_streamline=sft.data_per_streamline)
-    sft.to_vox(); sft.to_corner()
-    out.to_vox(); out.to_corner()
-    return out
+def resample_streamlines(streams, vox_to_mm, *, step_size=None, nb_points=None, compress=None):
+    """Resample or compress packed voxel-space streamlines, lengths and tolerances in mm.
+
+    Parameters
+    ----------
+    streams : PackedStreamlines
+        Voxel space (corner origin).
+    vox_to_mm : array_like
+        The voxel-to-mm affine (4×4) or its 3×3 linear part.
+    step_size, nb_points, compress : float, int, float, optional
+        At most one (see `create_hdf5_dataset`); none: ``streams`` is returned as it is.
+
+    Returns
+    -------
+    PackedStreamlines
+        Contiguous, voxel space, same dtype as ``streams``.
+    """
+    if nb_points is not None: return resample_nb_points(streams, int(nb_points), vox_to_mm=vox_to_mm)
+    if step_size is not None: return resample_step_size(streams, step_size, vox_to_mm)
+    if compress is not None: return compress_streamlines(streams, compress, vox_to_mm)
+    return streams
 
 # %% ../nbs/01_hdf5.ipynb
 def build_streamline_group(subj_dir, group, conf, *, reference=None, subject=None,
@@ -797,10 +1005,12 @@ def build_streamline_group(subj_dir, group, conf, *, reference=None, subject=Non
         if len(sft) == 0:
             log.warning('subject %s, group %s: %s holds no streamline', subject, group, path)
             continue
-        sft = resample_sft(sft, step_size=step_size, nb_points=nb_points, compress=compress)
-        packs.append(PackedStreamlines(np.asarray(sft.streamlines.get_data(), dtype=dtype),
-                                       offsets_from_lengths(sft.streamlines._lengths),
-                                       np.asarray(sft.streamlines._lengths, dtype=np.int64)))
+        lengths = np.asarray(sft.streamlines._lengths, dtype=np.int64)
+        loaded = PackedStreamlines(np.asarray(sft.streamlines.get_data(), dtype=np.float64),
+                                   offsets_from_lengths(lengths), lengths)
+        resampled_pack = resample_streamlines(loaded, space[0], step_size=step_size, nb_points=nb_points, compress=compress)
+        packs.append(PackedStreamlines(resampled_pack.data.astype(dtype, copy=False), resampled_pack.offsets,
+                                       resampled_pack.lengths))
         for k in dps_keys: dps_parts[k].append(dps[k])
     if not packs:
         raise DataError('has no streamline in any of its tractograms: a subject must have streamlines to be '
@@ -811,6 +1021,34 @@ def build_streamline_group(subj_dir, group, conf, *, reference=None, subject=Non
             'euclidean_lengths': streamline_lengths_mm(streams, space[0]).astype(dtype),
             'dps': {k: np.concatenate(v) for k, v in dps_parts.items()},
             'space_attributes': space}
+
+# %% ../nbs/01_hdf5.ipynb
+@patch
+def build(self: StreamlineGroupType, subj_dir, group, conf, *, subject, context):
+    "Build one streamline group (see `build_streamline_group`), checked against ``context['reference']``."
+    return build_streamline_group(subj_dir, group, conf, reference=context.get('reference'), subject=subject,
+                                  **context.get('resampling', {}))
+
+
+@patch
+def write(self: StreamlineGroupType, h5group, built, room=None):
+    "Store a built streamline group in ``h5group``: voxel space, corner origin, packed."
+    affine, dims, voxel_sizes, voxel_order = built['space_attributes']
+    h5group.attrs['type'] = self.name
+    h5group.attrs['space'] = 'Space.VOX'
+    h5group.attrs['origin'] = 'Origin.TRACKVIS'
+    h5group.attrs['affine'] = np.asarray(affine, dtype=np.float64)
+    h5group.attrs['dimensions'] = np.asarray(dims, dtype=np.int16)
+    h5group.attrs['voxel_sizes'] = np.asarray(voxel_sizes, dtype=np.float32)
+    h5group.attrs['voxel_order'] = str(voxel_order)
+    streams = built['streamlines']
+    _write_array(h5group, 'data', streams.data, room, POINTS_CHUNK_BYTES)
+    _write_array(h5group, 'offsets', streams.offsets.astype(np.int64), room)
+    _write_array(h5group, 'lengths', streams.lengths.astype(np.int64), room)
+    _write_array(h5group, 'euclidean_lengths', built['euclidean_lengths'], room)
+    dps_group = h5group.create_group('data_per_streamline')
+    for key, values in built['dps'].items():
+        _write_array(dps_group, key, values, room)
 
 # %% ../nbs/01_hdf5.ipynb
 ROOM_MARGIN_BYTES = 1 << 20
@@ -889,7 +1127,7 @@ def create_hdf5_dataset(database_dir, out_file, config, training_subjs, validati
         The groups config, or its JSON file (see `load_groups_config`).
     training_subjs, validation_subjs, testing_subjs : list of str, or str / Path of a text file
     step_size : float, optional
-        Resample streamlines to this step (mm); see `resample_sft`.
+        Resample streamlines to this step (mm); see `resample_streamlines`.
     nb_points : int, optional
         Resample every streamline to this number of points.
     compress : float, optional
@@ -924,20 +1162,19 @@ def create_hdf5_dataset(database_dir, out_file, config, training_subjs, validati
         raise DataError('is not a directory', file=database_dir)
     subjects = [*training, *validation, *testing]
     _check_all_files_exist(database_dir, subjects, config)
-    volume_groups = [g for g, c in config.items() if c['type'] == 'volume']
     with atomic_write(out_file) as tmp, h5py.File(tmp, 'w') as f:
         _write_root_attrs(f, config, training, validation, testing, step_size, nb_points, compress)
         first_features = None
         for subj in progress_bar(subjects, desc='subjects', unit='subject', disable=not progress):
             log.debug('subject %s', subj)
-            features = _write_subject(f.create_group(subj), database_dir / subj, subj, config, volume_groups,
+            features = _write_subject(f.create_group(subj), database_dir / subj, subj, config,
                                       room=_RoomGuard(tmp, out_file), step_size=step_size, nb_points=nb_points,
                                       compress=compress)
             first_features = _check_same_features(first_features, features, subjects[0], subj, database_dir)
     log.info('wrote %s (%d subjects)', out_file, len(subjects))
     return out_file
 
-
+# %% ../nbs/01_hdf5.ipynb
 def _check_all_files_exist(database_dir, subjects, config):
     for subj in subjects:
         subj_dir = database_dir / subj
@@ -971,43 +1208,15 @@ def _check_same_features(first, features, first_subject, subject, database_dir):
     return first
 
 
-def _write_subject(subj_group, subj_dir, subj, config, volume_groups, room=None, **resampling):
-    "Write one subject's groups; return {volume group: number of features}."
-    reference, ref_grid, features = None, None, {}
-    for group in volume_groups:
-        data, affine, voxres = build_volume_group(subj_dir, group, config[group], subject=subj)
-        if ref_grid is None:
-            ref_grid, ref_group = (data.shape, affine), group
-            reference = _resolve_files(subj_dir, _as_str_list(config[group]['files'], 'files', group), subj, group)[0]
-        else:
-            check_same_grid(ref_grid, (data.shape, affine), what=f"volume group '{ref_group}'", subject=subj, group=group)
-        g = subj_group.create_group(group)
-        _write_array(g, 'data', data, room)
-        g.attrs['type'] = 'volume'
-        g.attrs['affine'] = affine
-        g.attrs['voxres'] = voxres
-        g.attrs['nb_features'] = np.int64(data.shape[-1])
-        features[group] = int(data.shape[-1])
-    for group, conf in config.items():
-        if conf['type'] != 'streamlines': continue
-        built = build_streamline_group(subj_dir, group, conf, reference=reference, subject=subj, **resampling)
-        affine, dims, voxel_sizes, voxel_order = built['space_attributes']
-        g = subj_group.create_group(group)
-        g.attrs['type'] = 'streamlines'
-        g.attrs['space'] = 'Space.VOX'
-        g.attrs['origin'] = 'Origin.TRACKVIS'
-        g.attrs['affine'] = np.asarray(affine, dtype=np.float64)
-        g.attrs['dimensions'] = np.asarray(dims, dtype=np.int16)
-        g.attrs['voxel_sizes'] = np.asarray(voxel_sizes, dtype=np.float32)
-        g.attrs['voxel_order'] = str(voxel_order)
-        streams = built['streamlines']
-        _write_array(g, 'data', streams.data, room, POINTS_CHUNK_BYTES)
-        _write_array(g, 'offsets', streams.offsets.astype(np.int64), room)
-        _write_array(g, 'lengths', streams.lengths.astype(np.int64), room)
-        _write_array(g, 'euclidean_lengths', built['euclidean_lengths'], room)
-        dps_group = g.create_group('data_per_streamline')
-        for key, values in built['dps'].items():
-            _write_array(dps_group, key, values, room)
+def _write_subject(subj_group, subj_dir, subj, config, room=None, **resampling):
+    "Write one subject's groups (volumes first: they give the grid); return {group: number of features}."
+    context, features = {'resampling': resampling}, {}
+    for group in sorted(config, key=lambda g: GROUP_TYPES[config[g]['type']].build_order):
+        kind = GROUP_TYPES[config[group]['type']]
+        built = kind.build(subj_dir, group, config[group], subject=subj, context=context)
+        kind.write(subj_group.create_group(group), built, room)
+        if (n := kind.nb_features(built)) is not None: features[group] = n
+        del built  # memory: one group's arrays at a time
     return features
 
 # %% ../nbs/01_hdf5.ipynb
@@ -1033,7 +1242,8 @@ def _describe_open_file(path):
         volume_groups = [g for g, c in config.items() if c.get('type') == 'volume']
         streamline_groups = [g for g, c in config.items() if c.get('type') == 'streamlines']
         subsets = {name: root[f'{name}_subjs'] for name in ('training', 'validation', 'testing')}
-        subjects, totals = {}, {g: {'nb_streamlines': 0, 'nb_points': 0} for g in streamline_groups}
+        subjects, totals = {}, {g: dict.fromkeys(GROUP_TYPES[c['type']].totals, 0) for g, c in config.items()
+                                if is_group_type(c.get('type')) and GROUP_TYPES[c['type']].totals}
         for subset, subjs in subsets.items():
             for subj in subjs:
                 groups = {}
@@ -1041,18 +1251,11 @@ def _describe_open_file(path):
                 for group in [g for g in config if g in in_file] + [g for g in in_file if g not in config]:
                     node = f[subj][group]
                     attrs = read_group_attrs(node)
-                    if attrs['type'] == 'volume':
-                        shape = list(node['data'].shape)
-                        groups[group] = {'type': 'volume', 'shape': shape, 'nb_features': int(shape[-1]),
-                                         'voxres': [float(v) for v in attrs.get('voxres', [])]}
-                    else:
-                        n, points = int(node['lengths'].shape[0]), int(node['data'].shape[0])
-                        dps = sorted(node['data_per_streamline']) if 'data_per_streamline' in node else []
-                        groups[group] = {'type': 'streamlines', 'nb_streamlines': n, 'nb_points': points,
-                                         'dimensions': [int(v) for v in attrs.get('dimensions', [])], 'dps_keys': dps}
-                        totals.setdefault(group, {'nb_streamlines': 0, 'nb_points': 0})
-                        totals[group]['nb_streamlines'] += n
-                        totals[group]['nb_points'] += points
+                    kind = group_type(attrs.get('type'), file=path, subject=subj, group=group)
+                    groups[group] = {'type': kind.name, **kind.describe(node, attrs)}
+                    if kind.totals:
+                        group_totals = totals.setdefault(group, dict.fromkeys(kind.totals, 0))
+                        for key in kind.totals: group_totals[key] += groups[group][key]
                 subjects[subj] = {'subset': subset, 'groups': groups}
     return {'format_version': DESCRIBE_FORMAT_VERSION, 'file': str(path), 'file_size_bytes': path.stat().st_size,
             'data_and_time': root['data_and_time'], 'step_size': root['step_size'], 'nb_points': root['nb_points'],
@@ -1069,16 +1272,47 @@ def format_description(desc):
     for subset, subjs in desc['subsets'].items():
         lines.append(f"  {subset:<10} {len(subjs):>4} subject(s): {', '.join(subjs)}")
     for subj, info in desc['subjects'].items():
-        parts = []
-        for group, g in info['groups'].items():
-            if g['type'] == 'volume':
-                parts.append(f"{group} {'x'.join(map(str, g['shape']))}")
-            else:
-                parts.append(f"{group} {g['nb_streamlines']} streamlines / {g['nb_points']} points")
+        parts = [GROUP_TYPES.get(g['type'], GroupType()).summary(group, g) for group, g in info['groups'].items()]
         lines.append(f"  {subj} ({info['subset']}): " + '; '.join(parts))
     for group, t in desc['totals'].items():
-        lines.append(f"  total {group}: {t['nb_streamlines']} streamlines, {t['nb_points']} points")
+        counts = (f"{t['nb_streamlines']} streamlines, {t['nb_points']} points" if set(t) == {'nb_streamlines', 'nb_points'}
+                  else ', '.join(f'{k} {v}' for k, v in t.items()))
+        lines.append(f'  total {group}: {counts}')
     return '\n'.join(lines)
+
+# %% ../nbs/01_hdf5.ipynb
+@patch
+def describe(self: GroupType, node, attrs):
+    "The group's entry in `describe_hdf5` (besides 'type'): its data's shape."
+    return {'shape': list(node['data'].shape)}
+
+
+@patch
+def summary(self: GroupType, group, desc):
+    "The group in `format_description`'s one line per subject."
+    return f"{group} {desc['type']} {'x'.join(map(str, desc.get('shape', [])))}"
+
+
+@patch
+def describe(self: VolumeGroupType, node, attrs):
+    shape = list(node['data'].shape)
+    return {'shape': shape, 'nb_features': int(shape[-1]), 'voxres': [float(v) for v in attrs.get('voxres', [])]}
+
+
+@patch
+def summary(self: VolumeGroupType, group, desc): return f"{group} {'x'.join(map(str, desc['shape']))}"
+
+
+@patch
+def describe(self: StreamlineGroupType, node, attrs):
+    dps = sorted(node['data_per_streamline']) if 'data_per_streamline' in node else []
+    return {'nb_streamlines': int(node['lengths'].shape[0]), 'nb_points': int(node['data'].shape[0]),
+            'dimensions': [int(v) for v in attrs.get('dimensions', [])], 'dps_keys': dps}
+
+
+@patch
+def summary(self: StreamlineGroupType, group, desc):
+    return f"{group} {desc['nb_streamlines']} streamlines / {desc['nb_points']} points"
 
 # %% ../nbs/01_hdf5.ipynb
 def _create_hdf5(argv):

@@ -1,7 +1,8 @@
 """Write a small HDF5 file exactly as dwi_ml's own builder (`dwiml_create_hdf5_dataset`) does.
 
-Follows the layout dwi_ml's builder writes (observed on its files) attribute by attribute and dtype by dtype, so
-that tests prove we read dwi_ml's files *without conversion*. The writer returns the values it
+Follows the layout dwi_ml's builder writes, specified in `docs/hdf5_layout.md` ("dwi_ml writes"
+columns), attribute by attribute and dtype by dtype, so that tests prove we read dwi_ml's files
+*without conversion*. The writer returns the values it
 wrote (the ground truth) so tests can compare every value that comes back.
 
     truth = write_dwiml_hdf5(tmp_path / 'data.hdf5')
@@ -129,10 +130,9 @@ def write_dwiml_hdf5(path, *, training=('sub-03', 'sub-01'), validation=('sub-04
                 g.create_dataset('offsets', data=offsets)
                 g.create_dataset('lengths', data=lengths)
                 g.create_dataset('euclidean_lengths', data=euclid)
-                if dps:
-                    dps_group = g.create_group('data_per_streamline')
-                    for k, v in dps.items():
-                        dps_group.create_dataset(k, data=v)
+                dps_group = g.create_group('data_per_streamline')  # dwi_ml writes it, empty without dps_keys
+                for k, v in dps.items():
+                    dps_group.create_dataset(k, data=v)
                 subj_truth[group] = {'streamlines': streamlines, 'lengths': lengths, 'offsets': offsets,
                                      'euclidean_lengths': euclid, 'dps': dps, 'attrs': attrs}
     return truth

@@ -239,6 +239,33 @@ def test_nb_points_and_compress(trk_db, tmp_path):
             np.testing.assert_allclose(data[o + n - 1], s[-1], atol=1e-4)
 
 
+@pytest.mark.parametrize('option', [{'step_size': 0.7}, {'nb_points': 6}, {'compress': 0.2}])
+def test_builder_resampling_matches_dipy_one_streamline_at_a_time(trk_db, tmp_path, option):
+    "The vectorized resampling (dwiml_nb.augment) against the slow reference: dipy per streamline, in RAS+ mm."
+    from dipy.tracking.streamlinespeed import compress_streamlines, set_number_of_points
+    out = create_hdf5_dataset(trk_db['root'], tmp_path / 'r.hdf5', trk_db['config'], *SPLIT, progress=False, **option)
+    with h5py.File(out, 'r') as f:
+        for subj in SUBJECTS:
+            g = f[subj]['streamlines']
+            expected = []
+            for rel in trk_db['config']['streamlines']['files']:
+                sft = load_tractogram(str(trk_db['root'] / subj / rel), 'same', bbox_valid_check=False)
+                mm = [np.asarray(s, np.float64) for s in sft.streamlines]  # RAS+ mm
+                if 'nb_points' in option:
+                    mm = [set_number_of_points(s, option['nb_points']) for s in mm]
+                elif 'step_size' in option:
+                    counts = np.maximum(np.ceil(np.asarray(dipy_length(mm)) / option['step_size']), 2).astype(int)
+                    mm = [set_number_of_points(s, int(n)) for s, n in zip(mm, counts)]
+                else:
+                    mm = compress_streamlines(mm, tol_error=option['compress'])
+                affine = sft.affine  # voxel (centre) -> mm; + 0.5 for the corner origin
+                inverse = np.linalg.inv(affine)
+                expected += [s @ inverse[:3, :3].T + inverse[:3, 3] + 0.5 for s in mm]
+            np.testing.assert_array_equal(g['lengths'][:], [len(s) for s in expected])
+            # float32 precision: coordinates below ~100 voxels, float32 eps ~ 1e-7 relative
+            np.testing.assert_allclose(g['data'][:], np.concatenate(expected), rtol=0, atol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Standardization, against the numpy reference
 
@@ -265,6 +292,22 @@ def test_standardization_modes(trk_db, mode, with_mask):
     np.testing.assert_array_equal(voxres, np.float32([1, 1.25, 2]))
     if mode != 'none' and not with_mask:
         assert np.count_nonzero(t1[..., 0] == 0) > 0  # the no-mask rule really excluded voxels
+
+
+@pytest.mark.parametrize('independent', [False, True])
+@pytest.mark.parametrize('slab_bytes', [16 << 20, 2000])
+def test_standardize_in_place_matches_float64_reference(independent, slab_bytes, monkeypatch):
+    import dwiml_nb.hdf5 as hdf5
+    monkeypatch.setattr(hdf5, '_SLAB_BYTES', slab_bytes)  # 2000: one or two rows a slab, many slabs
+    rng = np.random.default_rng(3)
+    data = (rng.standard_normal((37, 9, 8, 3)) * [1, 50, 0.01] + [1000, -3, 0.5]).astype(np.float32)
+    data[:5, :, :, 1] = 0  # excluded by the default mask
+    mask = np.all(data != 0, axis=-1)
+    expected = reference_standardize(data, mask, independent)
+    np.testing.assert_allclose(standardize(data, independent=independent), expected, rtol=1e-6, atol=1e-6)
+    same = standardize(data, independent=independent, out=data)
+    assert same is data and data.dtype == np.float32
+    np.testing.assert_allclose(data, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_standardize_floors_std_and_refuses_empty_mask():
