@@ -345,8 +345,11 @@ class MultiSubjectSubset(torch.utils.data.Dataset):
     dwi_ml's spelling `MultisubjectSubset` is the same class.
     """
     def __init__(self, set_name, hdf5_file, subjects, volume_groups, streamline_groups, nb_features,
-                 *, lazy, cache_size, opener=None):
+                 *, lazy, cache_size, opener=None, step_size=None, nb_points=None, compress=None):
         self.set_name, self.hdf5_file = set_name, Path(hdf5_file)
+        # How the file's streamlines were resampled when it was built (root attributes): a sampler
+        # asking for the same step size reads them as stored instead of resampling them again.
+        self.step_size, self.nb_points, self.compress = step_size, nb_points, compress
         self._subjects = list(subjects)
         self.volume_groups, self.streamline_groups = list(volume_groups), list(streamline_groups)
         self.nb_features, self.lazy, self.cache_size = dict(nb_features), bool(lazy), int(cache_size)
@@ -531,7 +534,8 @@ class MultiSubjectDataset:
         self._check_nb_features(loaded)
         subsets = {set_name: MultiSubjectSubset(
             set_name, self.hdf5_file, [loaded[n] for n in names], self.volume_groups, self.streamline_groups,
-            self.nb_features, lazy=self.lazy, cache_size=self.cache_size, opener=opener)
+            self.nb_features, lazy=self.lazy, cache_size=self.cache_size, opener=opener,
+            step_size=self.step_size, nb_points=self.nb_points, compress=self.compress)
             for set_name, names in lists.items()}
         self.training_set, self.validation_set, self.testing_set = (
             subsets['training'], subsets['validation'], subsets['testing'])
