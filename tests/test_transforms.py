@@ -36,9 +36,11 @@ def phantom(tmp_path_factory):
 
 
 def training_set(phantom, with_stored_step=False):
+    "The phantom's training set; without `with_stored_step`, as a subset that does not know the file's step."
     subset = MultiSubjectDataset(phantom.hdf5_file).load_data(progress=False).training_set
-    if with_stored_step and not hasattr(subset, 'step_size'):   # until subsets carry the file's resampling
-        subset.step_size, subset.compress = phantom.step_size, phantom.compress
+    assert (subset.step_size, subset.compress) == (phantom.step_size, phantom.compress)
+    if not with_stored_step:
+        subset.step_size = subset.compress = None
     return subset
 
 
