@@ -132,12 +132,16 @@ def main(argv=None):
     p.add_argument('--streamlines', type=int, default=100_000, help='streamlines of the large group')
     p.add_argument('--batch-size', type=int, default=1000)
     p.add_argument('--seconds', type=float, default=1.5, help='minimum timing per measurement')
+    p.add_argument('--quick', action='store_true', help='tiny sizes, a few seconds (smoke test, same code path)')
     p.add_argument('--measure-rss', nargs=3, metavar=('FILE', 'LAZY', 'CACHE'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure_rss:
         file, lazy, cache = args.measure_rss
         print(json.dumps(measure_volume_rss(file, bool(int(lazy)), int(cache))))
         return
+    if args.quick:
+        args.subjects, args.dim, args.features, args.streamlines = 2, 16, 4, 2000
+        args.batch_size, args.seconds = 100, 0.05
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'bench.hdf5'
         t0 = time.perf_counter()
@@ -172,5 +176,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -13,7 +13,7 @@ are restarted each epoch). The reported slope is a least-squares fit of MB again
 after `--warmup` epochs (allocator pools, caches and the first checkpoint settle first). A leak of
 one batch per epoch would show as a slope of about a batch's size (~1 MB here); flat is ~0.
 
-    .venv/bin/python benchmarks/bench_memory.py [--epochs 30] [--batches 8] [--json]
+    .venv/bin/python benchmarks/bench_memory.py [--epochs 30] [--batches 8] [--quick] [--json]
 """
 import argparse
 import gc
@@ -88,6 +88,8 @@ def bare_loop(hdf5_file, epochs, batches):
         loader = DataLoader(train.source_data, batch_sampler=train, collate_fn=train.load_batch,
                             num_workers=NUM_WORKERS)
         for batch in loader:
+            # make_samplers leaves the interpolation to the main process (inputs_in_workers=False), as the trainer does
+            batch = train.add_inputs(batch)
             optimizer.zero_grad()
             loss, _ = compute_loss_on_batch(model, batch, 'cpu')
             loss.backward()
@@ -132,7 +134,10 @@ def main(argv=None):
     parser.add_argument('--batches', type=int, default=8, help='training batches per epoch')
     parser.add_argument('--warmup', type=int, default=3, help='epochs left out of the slope')
     parser.add_argument('--json', action='store_true', help='print JSON instead of a markdown table')
+    parser.add_argument('--quick', action='store_true', help='4 epochs of 2 batches (smoke test, same code path)')
     args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.batches, args.warmup = 4, 2, 1
     if args.epochs < args.warmup + 2:
         parser.error('--epochs must exceed --warmup by at least 2')
     torch.set_num_threads(1)

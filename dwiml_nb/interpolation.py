@@ -22,8 +22,8 @@ from .core import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'PREFETCH_AHEAD', 'BACKENDS', 'neighborhood_offsets',
-           'interpolate_with_neighborhood', 'trilinear_interpolation']
+__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'PREFETCH_AHEAD', 'PREFETCH_MAX_OFFSETS', 'BACKENDS',
+           'neighborhood_offsets', 'interpolate_with_neighborhood', 'trilinear_interpolation']
 
 # %% ../nbs/04_interpolation.ipynb
 NEIGHBORHOOD_KINDS = (None, 'axes', 'grid')
@@ -108,78 +108,93 @@ def _prefetch(typingctx, array, index):
     return types.void(array, index), codegen
 
 
-@numba.njit(cache=True, nogil=True, inline='always')
-def _lower_corner(coord, offset, size):
+_KERNEL_FLAGS = dict(cache=True, nogil=True, fastmath={'contract'})
+
+
+@numba.njit(inline='always', **_KERNEL_FLAGS)
+def _lower_corner(coord, size):
     # Clamping to the border centres is our border rule; it also keeps every index in range.
-    u = min(max(coord + offset - 0.5, 0.0), size - 1.0)
+    u = min(max(coord - 0.5, 0.0), size - 1.0)
     low = int(u)
-    return low, u - low, low < size - 1
+    # (index of the lower corner, weight of the upper one, step to the upper one: 0 or 1)
+    return np.uint64(low), u - low, np.uint64(low < size - 1)
 
 
-@numba.njit(cache=True, nogil=True)
-def _interpolate_kernel(volume, coords, offsets, out, prefetch_ahead):
+@numba.njit(inline='always', **_KERNEL_FLAGS)
+def _blend_cell(flat, base, step_x, step_y, step_z, tx, ty, tz, flat_out, row, nb_values):
+    "Write the trilinear blend of ``nb_values`` values of the cell at ``flat[base]`` to ``flat_out[row:]``."
+    wx0, wx1 = np.float32(1 - tx), np.float32(tx)
+    wy0, wy1 = np.float32(1 - ty), np.float32(ty)
+    wz0, wz1 = np.float32(1 - tz), np.float32(tz)
+    b00, b01 = base, base + step_y
+    b10, b11 = base + step_x, base + step_x + step_y
+    for f in range(nb_values):          # uint64 range: no index wrap-around, one SIMD loop
+        c00 = wz0 * flat[b00 + f] + wz1 * flat[b00 + step_z + f]
+        c01 = wz0 * flat[b01 + f] + wz1 * flat[b01 + step_z + f]
+        c10 = wz0 * flat[b10 + f] + wz1 * flat[b10 + step_z + f]
+        c11 = wz0 * flat[b11 + f] + wz1 * flat[b11 + step_z + f]
+        flat_out[row + f] = wx0 * (wy0 * c00 + wy1 * c01) + wx1 * (wy0 * c10 + wy1 * c11)
+
+
+@numba.njit(inline='always', **_KERNEL_FLAGS)
+def _prefetch_cell(flat, coords, n, sizes, strides, nb_features):
+    "Ask for the 4 runs of 2F values (z and z+1 of each (x, y) corner) of point ``n``'s cell."
+    ix, _, has_x = _lower_corner(coords[n, 0], sizes[0])
+    iy, _, has_y = _lower_corner(coords[n, 1], sizes[1])
+    iz, _, _ = _lower_corner(coords[n, 2], sizes[2])
+    base = ix * strides[0] + iy * strides[1] + iz * strides[2]
+    step_x, step_y = has_x * strides[0], has_y * strides[1]
+    for q in range(0, 2 * nb_features, 16):   # 16 float32 = one cache line
+        _prefetch(flat, base + q)
+        _prefetch(flat, base + step_y + q)
+        _prefetch(flat, base + step_x + q)
+        _prefetch(flat, base + step_x + step_y + q)
+
+
+@numba.njit(**_KERNEL_FLAGS)
+def _interpolate_kernel(volume, coords, offsets, flat_out, prefetch_ahead):
+    "Fill ``flat_out`` (N·K·F, C order of (N, K, F)) with the blends of every (point, offset) pair."
     size_x, size_y, size_z, nb_features = volume.shape
-    nb_offsets = offsets.shape[0]
+    sizes = (size_x, size_y, size_z)
     flat = volume.reshape(-1)
-    flat_out = out.reshape(-1)
-    stride_x, stride_y, stride_z = size_y * size_z * nb_features, size_z * nb_features, nb_features
-    nb_samples = coords.shape[0] * nb_offsets
-    last_prefetched = -1
-    for m in range(nb_samples):
-        # Neighbors lie next to their point: fetching the point's own cell, a few points ahead, is enough.
-        ahead = m + prefetch_ahead * nb_offsets
-        if prefetch_ahead > 0 and ahead < nb_samples and ahead % nb_offsets == 0:
-            n, k = ahead // nb_offsets, ahead % nb_offsets
-            ix, _, has_x = _lower_corner(coords[n, 0], offsets[k, 0], size_x)
-            iy, _, has_y = _lower_corner(coords[n, 1], offsets[k, 1], size_y)
-            iz, _, _ = _lower_corner(coords[n, 2], offsets[k, 2], size_z)
-            base = ix * stride_x + iy * stride_y + iz * stride_z
-            # Successive streamline points often share their cell: ask for each cell once.
-            if base != last_prefetched:
-                last_prefetched = base
-                step_x, step_y = stride_x if has_x else 0, stride_y if has_y else 0
-                # The two z-neighbours of each (x, y) corner are one contiguous run of 2F values.
-                for q in range(0, 2 * nb_features, 16):
-                    _prefetch(flat, base + q)
-                    _prefetch(flat, base + step_y + q)
-                    _prefetch(flat, base + step_x + q)
-                    _prefetch(flat, base + step_x + step_y + q)
-        n, k = m // nb_offsets, m % nb_offsets
-        ix, tx, has_x = _lower_corner(coords[n, 0], offsets[k, 0], size_x)
-        iy, ty, has_y = _lower_corner(coords[n, 1], offsets[k, 1], size_y)
-        iz, tz, has_z = _lower_corner(coords[n, 2], offsets[k, 2], size_z)
-        base = ix * stride_x + iy * stride_y + iz * stride_z
-        step_x, step_y = stride_x if has_x else 0, stride_y if has_y else 0
-        step_z = stride_z if has_z else 0
-        wx0, wx1 = np.float32(1 - tx), np.float32(tx)
-        wy0, wy1 = np.float32(1 - ty), np.float32(ty)
-        wz0, wz1 = np.float32(1 - tz), np.float32(tz)
-        # Slices (not flat[base + f]) let LLVM see non-negative indices and vectorize the loop.
-        v000 = flat[base:base + nb_features]
-        v001 = flat[base + step_z:base + step_z + nb_features]
-        b = base + step_y
-        v010, v011 = flat[b:b + nb_features], flat[b + step_z:b + step_z + nb_features]
-        b = base + step_x
-        v100, v101 = flat[b:b + nb_features], flat[b + step_z:b + step_z + nb_features]
-        b = base + step_x + step_y
-        v110, v111 = flat[b:b + nb_features], flat[b + step_z:b + step_z + nb_features]
-        row = flat_out[m * nb_features:(m + 1) * nb_features]
-        for f in range(nb_features):
-            c00 = wz0 * v000[f] + wz1 * v001[f]
-            c01 = wz0 * v010[f] + wz1 * v011[f]
-            c10 = wz0 * v100[f] + wz1 * v101[f]
-            c11 = wz0 * v110[f] + wz1 * v111[f]
-            row[f] = wx0 * (wy0 * c00 + wy1 * c01) + wx1 * (wy0 * c10 + wy1 * c11)
+    nb_f = np.uint64(nb_features)
+    padded = (nb_f + np.uint64(7)) & ~np.uint64(7)       # whole SIMD steps of 8 float32
+    volume_size, out_size = np.uint64(flat.size), np.uint64(flat_out.size)
+    strides = (np.uint64(size_y * size_z * nb_features), np.uint64(size_z * nb_features), nb_f)
+    nb_points, nb_offsets = coords.shape[0], offsets.shape[0]
+    row = np.uint64(0)
+    for n in range(nb_points):
+        if prefetch_ahead > 0 and n + prefetch_ahead < nb_points:
+            _prefetch_cell(flat, coords, n + prefetch_ahead, sizes, strides, nb_features)
+        x, y, z = coords[n, 0], coords[n, 1], coords[n, 2]
+        for k in range(nb_offsets):
+            ix, tx, has_x = _lower_corner(x + offsets[k, 0], size_x)
+            iy, ty, has_y = _lower_corner(y + offsets[k, 1], size_y)
+            iz, tz, has_z = _lower_corner(z + offsets[k, 2], size_z)
+            base = ix * strides[0] + iy * strides[1] + iz * strides[2]
+            step_x, step_y, step_z = has_x * strides[0], has_y * strides[1], has_z * strides[2]
+            # Spill into the next row (overwritten next) unless past the output's or the volume's end.
+            safe = row + padded <= out_size and base + step_x + step_y + step_z + padded <= volume_size
+            _blend_cell(flat, base, step_x, step_y, step_z, tx, ty, tz, flat_out, row, padded if safe else nb_f)
+            row += nb_f
 
 
-PREFETCH_AHEAD = 4  # points; measured best among 1-32 on streamline-like points (benchmarks/)
+# Prefetching the cell of the point PREFETCH_AHEAD points ahead, measured with
+# benchmarks/bench_interpolation.py (1-thread CPU time, 128³×45 volume, streamline-like points,
+# shared machine): no neighbors 10-11.5 -> 16 M points/s; 'axes' r=1 2.3-2.9 -> 3.0 M; 'grid' r=1
+# 0.9 -> 0.8 M (its 27 samples per point keep the memory system busy already). 1-32 ahead alike.
+PREFETCH_AHEAD = 4
+PREFETCH_MAX_OFFSETS = 7     # prefetch when a point has at most this many samples
 
 
-def _interpolate_numba(volume, coords, offsets, prefetch_ahead=PREFETCH_AHEAD):
+def _interpolate_numba(volume, coords, offsets, out=None, prefetch_ahead=None):
     "CPU path: float32 volume, float64 coords (N, 3) and offsets (K, 3), all contiguous numpy."
-    out = np.empty((len(coords), len(offsets) * volume.shape[3]), dtype=np.float32)
+    if out is None:
+        out = np.empty((len(coords), len(offsets) * volume.shape[3]), dtype=np.float32)
+    if prefetch_ahead is None:
+        prefetch_ahead = PREFETCH_AHEAD if len(offsets) <= PREFETCH_MAX_OFFSETS else 0
     if out.size:
-        _interpolate_kernel(volume, coords, offsets, out, prefetch_ahead)
+        _interpolate_kernel(volume, coords, offsets, out.reshape(-1), prefetch_ahead)
     return out
 
 # %% ../nbs/04_interpolation.ipynb
@@ -202,6 +217,31 @@ def _interpolate_torch(volume, coords, offsets):
             weight = weight * (t[:, a] if c else 1 - t[:, a])
         out += weight.to(torch.float32)[:, None] * flat[(ix * size_y + iy) * size_z + iz]
     return out.reshape(len(coords), len(offsets) * nb_features)
+
+# %% ../nbs/04_interpolation.ipynb
+def _checked_out(out, shape, device):
+    "``out`` as an array the kernel may write into (numpy on CPU, the tensor itself on CUDA), or a ConfigError."
+    if isinstance(out, np.ndarray):
+        if device.type != 'cpu':
+            raise ConfigError(f"out= is a numpy array but the volume is on {device}: give a tensor on {device}")
+        dtype, out_device, contiguous, target = out.dtype, 'cpu', out.flags.c_contiguous, out
+    elif isinstance(out, torch.Tensor):
+        dtype, out_device, contiguous = out.dtype, out.device, out.is_contiguous()
+        target = out.detach().numpy() if out.device.type == 'cpu' and dtype == torch.float32 else out
+    else:
+        raise ConfigError(f"out= must be a float32 tensor or numpy array, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ConfigError(f"out= has shape {tuple(out.shape)}, the interpolation writes {tuple(shape)} "
+                          f"(points, offsets × features)")
+    if dtype not in (np.float32, torch.float32):
+        raise ConfigError(f"out= must hold float32, got {dtype}")
+    if torch.device(out_device) != device:
+        raise ConfigError(f"out= is on {out_device} but the volume is on {device}")
+    if not contiguous:
+        raise ConfigError("out= must be C-contiguous (whole rows, e.g. batch[start:stop]), got a strided view")
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        raise ConfigError("out= must not require grad: interpolated inputs are data, not parameters")
+    return target
 
 # %% ../nbs/04_interpolation.ipynb
 BACKENDS = ('auto', 'numba', 'torch')
@@ -231,7 +271,7 @@ def _as_points(values, device, what, error):
     return values
 
 
-def interpolate_with_neighborhood(volume, coords, offsets, *, backend='auto'):
+def interpolate_with_neighborhood(volume, coords, offsets, *, out=None, backend='auto'):
     """Trilinear interpolation of ``volume`` at every point shifted by every offset, in one pass.
 
     Parameters
@@ -243,6 +283,10 @@ def interpolate_with_neighborhood(volume, coords, offsets, *, backend='auto'):
         as streamlines are stored in the HDF5. float32 or float64.
     offsets : Tensor or ndarray (K, 3)
         Shifts in voxels, e.g. from `neighborhood_offsets`.
+    out : Tensor or ndarray (N, K * F), optional
+        Where to write the result: C-contiguous float32 on the volume's device (a numpy array only
+        for CPU volumes), e.g. this subject's rows of a batch tensor, so that no ``torch.cat``
+        copies them again. The kernel writes straight into it; the torch path copies into it.
     backend : {'auto', 'numba', 'torch'}
         'auto': the numba kernel for CPU volumes, the torch gather for CUDA volumes. 'numba' needs a
         CPU volume; 'torch' works everywhere (it is the reference for the kernel).
@@ -251,14 +295,16 @@ def interpolate_with_neighborhood(volume, coords, offsets, *, backend='auto'):
     -------
     Tensor of float32 (N, K * F)
         On the volume's device; the features of offset ``k`` are columns ``k*F:(k+1)*F``.
-        Outside the volume, values are clamped to the border voxels (see above).
+        Outside the volume, values are clamped to the border voxels (see above). With ``out``,
+        ``out`` itself (filled).
 
     Raises
     ------
     DataError
         When the volume is not 4-D / is empty, or the coordinates are not (N, 3) or contain NaN.
     ConfigError
-        For an unknown backend or offsets that are not (K, 3) finite numbers.
+        For an unknown backend, offsets that are not (K, 3) finite numbers, or an ``out`` of the
+        wrong shape, dtype, device or layout.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"interpolation backend must be one of {BACKENDS}, got {backend!r}")
@@ -269,21 +315,27 @@ def interpolate_with_neighborhood(volume, coords, offsets, *, backend='auto'):
         raise ConfigError("the neighborhood offsets must be finite")
     if backend == 'auto':
         backend = 'numba' if volume.device.type == 'cpu' else 'torch'
+    target = None if out is None else _checked_out(out, (len(coords), len(offsets) * volume.shape[3]), volume.device)
     if backend == 'numba':
         if volume.device.type != 'cpu':
             raise ConfigError(f"the numba backend runs on CPU volumes, this one is on {volume.device}")
-        return torch.from_numpy(_interpolate_numba(volume.numpy(), coords.numpy(), offsets.numpy()))
-    return _interpolate_torch(volume, coords, offsets)
+        result = _interpolate_numba(volume.numpy(), coords.numpy(), offsets.numpy(), out=target)
+        return torch.from_numpy(result) if out is None else out
+    result = _interpolate_torch(volume, coords, offsets)
+    if out is None:
+        return result
+    torch.as_tensor(target).copy_(result)
+    return out
 
 
-def trilinear_interpolation(volume, coords, *, backend='auto'):
+def trilinear_interpolation(volume, coords, *, out=None, backend='auto'):
     """Trilinear interpolation of ``volume`` (X, Y, Z, F) at ``coords`` (N, 3): a (N, F) float32 tensor.
 
     ``coords`` are in voxel space with a corner origin (the centre of voxel ``i`` is at
     ``i + 0.5``). Outside the volume (and in the outer half of the border voxels), each coordinate
     is clamped to the centre of the border voxel: values are those of the nearest border voxels,
     as ``scipy.ndimage.map_coordinates(order=1, mode='nearest')`` at ``coords - 0.5``. Runs on the
-    volume's device and returns the result there. See `interpolate_with_neighborhood` for the
-    parameters and errors.
+    volume's device and returns the result there, or writes it into ``out`` (N, F) and returns
+    ``out``. See `interpolate_with_neighborhood` for the parameters and errors.
     """
-    return interpolate_with_neighborhood(volume, coords, np.zeros((1, 3)), backend=backend)
+    return interpolate_with_neighborhood(volume, coords, np.zeros((1, 3)), out=out, backend=backend)

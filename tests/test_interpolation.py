@@ -280,3 +280,85 @@ def test_cuda_matches_cpu():
     np.testing.assert_allclose(got.cpu().numpy(), want.numpy(), atol=1e-5)
     with pytest.raises(ConfigError):
         trilinear_interpolation(volume.cuda(), coords, backend='numba')
+
+
+# --- the kernel's tail spill, and writing into out= -------------------------------------------
+
+def eight_corner_gather(volume, coords, offsets):
+    "The slow obvious reference: every neighbour point, its 8 clamped corners, float64 weights."
+    volume = np.asarray(volume, np.float64)
+    size = np.asarray(volume.shape[:3])
+    samples = (np.asarray(coords, np.float64)[:, None, :] + np.asarray(offsets)[None]).reshape(-1, 3)
+    u = np.clip(samples - 0.5, 0, size - 1)
+    low = np.floor(u).astype(np.int64)
+    t = u - low
+    out = np.zeros((len(samples), volume.shape[3]))
+    for corner in itertools.product((0, 1), repeat=3):
+        idx = np.minimum(low + corner, size - 1)
+        weight = np.prod(np.where(corner, t, 1 - t), axis=1)
+        out += weight[:, None] * volume[idx[:, 0], idx[:, 1], idx[:, 2]]
+    return out.reshape(len(coords), -1)
+
+
+@pytest.mark.parametrize('nb_features', [1, 3, 8, 13, 45])
+@pytest.mark.parametrize('kind', [None, 'axes', 'grid'])
+def test_kernel_matches_the_eight_corner_gather_at_the_volume_end(nb_features, kind):
+    # The kernel writes whole SIMD steps past a row's end and reads past a voxel's features; the far
+    # corner of the volume and the last output row are where that would leave the arrays.
+    rng = np.random.default_rng(nb_features)
+    shape = (4, 3, 5, nb_features)
+    volume = rng.normal(size=shape).astype(np.float32)
+    far = np.asarray(shape[:3], np.float64)
+    coords = np.concatenate([rng.uniform(-1, far + 1, (60, 3)), [far - 0.5, far, far + 3, far - 0.75]])
+    offsets = neighborhood_offsets(kind, 1 if kind else 0, resolution=0.8)
+    offsets = offsets * [1.0, 0.5, 1.7]                      # anisotropic
+    want = eight_corner_gather(volume, coords, offsets)
+    np.testing.assert_allclose(_interpolate_numba(volume, coords, offsets), want, atol=1e-5, rtol=0)
+    # ...and with the volume as a view that ends exactly where the buffer ends
+    backing = np.concatenate([rng.normal(size=9).astype(np.float32), volume.reshape(-1)])[9:].reshape(shape)
+    np.testing.assert_allclose(_interpolate_numba(backing, coords, offsets), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('nb_features', [3, 45])
+def test_out_receives_the_rows_and_nothing_around_them_changes(backend, nb_features):
+    rng = np.random.default_rng(7)
+    volume = torch.from_numpy(rng.random((9, 8, 7, nb_features), dtype=np.float32))
+    coords = rng.uniform(-1, 10, (200, 3))
+    offsets = neighborhood_offsets('axes', 1)
+    width = len(offsets) * nb_features
+    batch = torch.full((260, width), -7.0)
+    got = interpolate_with_neighborhood(volume, coords, offsets, out=batch[30:230], backend=backend)
+    assert got.data_ptr() == batch[30:230].data_ptr()
+    want = interpolate_with_neighborhood(volume, coords, offsets, backend=backend)
+    np.testing.assert_array_equal(batch[30:230].numpy(), want.numpy())
+    assert (batch[:30] == -7).all() and (batch[230:] == -7).all()
+    row = np.full((200, nb_features), -7.0, np.float32)
+    assert trilinear_interpolation(volume, coords, out=row, backend=backend) is row
+    np.testing.assert_allclose(row, eight_corner_gather(volume.numpy(), coords, np.zeros((1, 3))), atol=1e-5)
+
+
+def test_out_of_the_wrong_kind_is_a_config_error():
+    volume = torch.rand(5, 5, 5, 4)
+    coords = torch.rand(10, 3) * 5
+    for bad, match in [(torch.empty(10, 5), 'shape'), (torch.empty(9, 4), 'shape'),
+                       (torch.empty(10, 4, dtype=torch.float64), 'float32'), (np.empty((10, 4), np.float16), 'float32'),
+                       (torch.empty(4, 10).T, 'contiguous'), (torch.empty(10, 4, requires_grad=True), 'grad'),
+                       ([[0.0] * 4] * 10, 'tensor or numpy')]:
+        with pytest.raises(ConfigError, match=match):
+            trilinear_interpolation(volume, coords, out=bad)
+    with pytest.raises(ConfigError, match='shape'):
+        interpolate_with_neighborhood(volume, coords, neighborhood_offsets('axes', 1), out=torch.empty(10, 4))
+
+
+@needs_cuda
+def test_out_on_cuda():
+    volume = torch.rand(6, 6, 6, 5, device='cuda')
+    coords = torch.rand(50, 3) * 6
+    out = torch.empty(50, 5, device='cuda')
+    assert trilinear_interpolation(volume, coords, out=out) is out
+    torch.testing.assert_close(out.cpu(), trilinear_interpolation(volume.cpu(), coords), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match='cuda'):
+        trilinear_interpolation(volume, coords, out=torch.empty(50, 5))
+    with pytest.raises(ConfigError, match='cuda'):
+        trilinear_interpolation(volume.cpu(), coords, out=out)
