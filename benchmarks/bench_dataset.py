@@ -16,7 +16,6 @@ Usage::
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys

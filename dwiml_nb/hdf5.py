@@ -115,7 +115,7 @@ def _check_layout(f, path):
             group_type(_str(node.attrs.get('type')), file=path, subject=subj, group=group)  # a known type, or DataError
             if 'data' not in node:
                 raise DataError("has no 'data' dataset", file=path, subject=subj, group=group)
-            node['data'].shape  # touching every dataset header finds truncation early
+            node['data'].shape  # noqa: B018 (touching every dataset header finds truncation early)
 
 # %% ../nbs/01_hdf5.ipynb
 def _str(value):
@@ -540,7 +540,7 @@ def load_groups_config(config):
     if not isinstance(config, dict) or not config:
         raise ConfigError('the groups config must be a non-empty JSON object {group_name: {...}}', file=file)
     for group, conf in config.items():
-        def fail(msg): raise ConfigError(msg, file=file, group=group)
+        def fail(msg): raise ConfigError(msg, file=file, group=group)  # noqa: B023 (used in this iteration only)
         if not isinstance(group, str) or not group or '/' in group:
             fail('group names must be non-empty and contain no "/"')
         if not isinstance(conf, dict): fail(f'must be an object {{"type": ..., "files": [...]}}, got {conf!r}')
@@ -742,7 +742,7 @@ def _std_mask(subj_dir, conf, ref, subject, group):
     mask = None
     for path in _resolve_files(subj_dir, _as_str_list(conf['std_mask'], 'std_mask', group), subject, group):
         data, affine, _ = load_volume(path, subject=subject, group=group)
-        check_same_grid(ref, (data.shape, affine), what=f"the group's first file", file=path, subject=subject, group=group)
+        check_same_grid(ref, (data.shape, affine), what="the group's first file", file=path, subject=subject, group=group)
         mask = (data[..., 0] > 0) if mask is None else (mask | (data[..., 0] > 0))
     return mask
 

@@ -1,6 +1,5 @@
 """dwiml_nb.trackers: TensorBoard and Comet trackers on real training runs, lazy imports, clear errors."""
 import json
-import os
 import socket
 import subprocess
 import sys

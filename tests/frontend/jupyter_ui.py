@@ -153,7 +153,7 @@ class JupyterServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f'jupyter lab did not answer in {self.startup_timeout} s:\n{self.log_tail()}')
+                    raise RuntimeError(f'jupyter lab did not answer in {self.startup_timeout} s:\n{self.log_tail()}') from None
                 time.sleep(0.3)
 
     def log_tail(self, n=4000):
