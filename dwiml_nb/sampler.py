@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import heapq
 import inspect
 import logging
 import math
@@ -27,10 +28,11 @@ from .interpolation import interpolate_with_neighborhood, neighborhood_offsets, 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'BATCH_SIZE_UNITS', 'DWIMLBatchIDSampler', 'DWIMLAbstractBatchLoader', 'NEIGHBORHOOD_TYPES',
-           'DWIMLBatchLoaderOneInput', 'BatchPart', 'estimate_nb_points', 'streamline_costs', 'plan_epoch',
-           'shard_plan', 'StreamlineBatch', 'stored_resampling', 'BatchIDSampler', 'BatchLoader', 'BatchLoaderOneInput',
-           'AbstractBatchSampler', 'BatchStreamlinesSamplerOneInput']
+__all__ = ['logger', 'BATCH_SIZE_UNITS', 'SHARD_TOLERANCE', 'EXACT_SEARCH_MAX', 'DWIMLBatchIDSampler', 'DWIMLAbstractBatchLoader',
+           'NEIGHBORHOOD_TYPES', 'DWIMLBatchLoaderOneInput', 'BatchPart', 'estimate_nb_points', 'streamline_costs',
+           'plan_epoch', 'batch_spread', 'deal_lpt', 'balance_round', 'shard_plan', 'StreamlineBatch',
+           'stored_resampling', 'BatchIDSampler', 'BatchLoader', 'BatchLoaderOneInput', 'AbstractBatchSampler',
+           'BatchStreamlinesSamplerOneInput']
 
 # %% ../nbs/06_sampler.ipynb
 class BatchPart(tuple):
@@ -177,7 +179,232 @@ def plan_epoch(costs, budget, rng, *, nb_subjects_per_batch=None, cycles=1, subj
     return batches
 
 # %% ../nbs/06_sampler.ipynb
-def shard_plan(plan, points, world_size):
+SHARD_TOLERANCE = 0.10    # the batches of one step hold the same number of points within 10 %
+EXACT_SEARCH_MAX = 16     # rounds of at most that many streamlines get an exhaustive search
+_SEARCH_NODES = 20_000    # and that search stops after so many nodes (deterministic, < 0.5 s)
+
+
+def batch_spread(loads):
+    "max / min of the batches' points (1 for no points at all, inf when one batch is empty)."
+    loads = np.asarray(loads, dtype=np.float64)
+    if len(loads) == 0 or loads.max() == 0: return 1.0
+    return float(loads.max() / loads.min()) if loads.min() > 0 else math.inf
+
+
+def deal_lpt(points, nb_bins):
+    """Deal streamlines of `points` into `nb_bins` batches, longest first, each to the lightest batch.
+
+    Ties go to the batch with fewer streamlines, then the lower index (so each batch gets one
+    streamline before any gets two, and the deal is a pure function of `points`).
+
+    Returns
+    -------
+    ndarray of int64 (N,)
+        The batch of each streamline.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    heap = [(0.0, 0, b) for b in range(nb_bins)]
+    owner = np.empty(len(points), dtype=np.int64)
+    for i in np.argsort(-points, kind='stable'):
+        load, count, b = heapq.heappop(heap)
+        owner[i] = b
+        heapq.heappush(heap, (load + points[i], count + 1, b))
+    return owner
+
+
+def _deal_loads(points, owner, nb_bins):
+    return np.bincount(owner, weights=points, minlength=nb_bins)
+
+
+def _within_cap(points, owner, nb_bins, cap):
+    "Every batch is non-empty and, less its largest streamline, holds at most `cap` points."
+    if np.bincount(owner, minlength=nb_bins).min() == 0: return False
+    largest = np.zeros(nb_bins)
+    np.maximum.at(largest, owner, points)
+    return bool((_deal_loads(points, owner, nb_bins) - largest <= cap + 1e-9).all())
+
+# %% ../nbs/06_sampler.ipynb
+def _improve_deal(points, owner, nb_bins, cap, target, max_changes=None):
+    "`owner` improved by moves and swaps between the largest and the smallest batch (within `cap`)."
+    owner = owner.copy()
+    for _ in range(max_changes or 4 * len(points)):
+        loads = _deal_loads(points, owner, nb_bins)
+        hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
+        gap = loads[hi] - loads[lo]
+        if loads[hi] <= target * loads[lo]: break
+        in_hi, in_lo = np.flatnonzero(owner == hi), np.flatnonzero(owner == lo)
+        if len(in_hi) * (len(in_lo) + 1) > 1_000_000: in_lo = in_lo[:0]   # huge batches: moves only
+        # A move of x (or a swap of x for y) changes both batches by d = x (or x - y): 0 < d < gap helps.
+        moved = np.repeat(in_hi, len(in_lo) + 1)
+        taken = np.tile(np.concatenate([[-1], in_lo]), len(in_hi))
+        delta = points[moved] - np.where(taken >= 0, points[np.maximum(taken, 0)], 0.)
+        useful = np.flatnonzero((delta > 0) & (delta < gap))
+        for k in useful[np.argsort(np.abs(gap / 2 - delta[useful]), kind='stable')][:32]:
+            trial = owner.copy()
+            trial[moved[k]] = lo
+            if taken[k] >= 0: trial[taken[k]] = hi
+            if _within_cap(points, trial, nb_bins, cap):
+                owner = trial
+                break
+        else:
+            break
+    return owner
+
+
+def _search_deal(points, nb_bins, cap, target, best_ratio, node_limit=_SEARCH_NODES):
+    "The most even deal under `best_ratio` (within `cap`), or None; stops at the first within `target`."
+    order = np.argsort(-points, kind='stable')
+    p = points[order].tolist()
+    rest = np.concatenate([np.cumsum(p[::-1])[::-1], [0.]]).tolist()   # rest[i]: points of p[i:]
+    mean = rest[0] / nb_bins
+    loads, first, counts, assign = [0.] * nb_bins, [0.] * nb_bins, [0] * nb_bins, [0] * len(p)
+    best, nodes = {'ratio': best_ratio, 'assign': None}, [0]
+
+    def visit(i):
+        nodes[0] += 1
+        if nodes[0] > node_limit or best['ratio'] <= target: return
+        if i == len(p):
+            ratio = batch_spread(loads)
+            if ratio < best['ratio']: best.update(ratio=ratio, assign=list(assign))
+            return
+        if counts.count(0) > len(p) - i: return
+        seen = set()
+        for b in sorted(range(nb_bins), key=lambda c: (loads[c], c)):
+            state = (loads[b], first[b] if counts[b] else None)
+            if state in seen or (counts[b] and loads[b] + p[i] - first[b] > cap + 1e-9): continue
+            seen.add(state)
+            new = loads[b] + p[i]
+            others = [loads[c] for c in range(nb_bins) if c != b]
+            top, bottom = max(others + [new]), min(others + [new]) + rest[i + 1]
+            if max(top / mean if mean else 1., top / bottom if bottom else math.inf) >= best['ratio']: continue
+            loads[b], counts[b], assign[i] = new, counts[b] + 1, b
+            if counts[b] == 1: first[b] = p[i]
+            visit(i + 1)
+            loads[b], counts[b] = loads[b] - p[i], counts[b] - 1
+    visit(0)
+    if best['assign'] is None: return None
+    owner = np.empty(len(p), dtype=np.int64)
+    owner[order] = best['assign']
+    return owner
+
+# %% ../nbs/06_sampler.ipynb
+def balance_round(points, nb_bins, start=None, *, cap=math.inf, tolerance=SHARD_TOLERANCE):
+    """Deal the streamlines of one round (of `points`) into `nb_bins` batches of points within `tolerance`.
+
+    Parameters
+    ----------
+    points : array_like (N,)
+        Points of each streamline of the round (``N >= nb_bins``).
+    nb_bins : int
+        Batches of the round (the number of ranks).
+    start : ndarray of int64 (N,), optional
+        The current deal (e.g. the plan's batches); returned as it is when within `tolerance`.
+    cap : float
+        No batch may hold, apart from its largest streamline, more than `cap` points (`start`
+        must respect it; LPT does as long as ``sum(points) / nb_bins <= cap``).
+    tolerance : float
+        Wanted ``max / min - 1`` of the batches' points.
+
+    Returns
+    -------
+    ndarray of int64 (N,)
+        The batch of each streamline: within `tolerance` when moving whole streamlines can do it
+        (always when the longest streamline holds less than 1/11 of the mean batch; for
+        ``N <= EXACT_SEARCH_MAX``, whenever such a deal exists, up to the search's node bound), else
+        the most even deal found, never less even than `start`.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    target = 1 + tolerance + 1e-12
+
+    def ratio(owner): return batch_spread(_deal_loads(points, owner, nb_bins))
+    best = start
+    if best is None or ratio(best) > target:
+        lpt = deal_lpt(points, nb_bins)
+        if best is None or (_within_cap(points, lpt, nb_bins, cap) and ratio(lpt) < ratio(best)):
+            best = lpt
+    if ratio(best) > target:
+        improved = _improve_deal(points, best, nb_bins, cap, target)
+        best = improved if ratio(improved) < ratio(best) else best
+    if ratio(best) > target and len(points) <= EXACT_SEARCH_MAX:
+        found = _search_deal(points, nb_bins, cap, target, ratio(best))
+        best = best if found is None else found
+    return best
+
+# %% ../nbs/06_sampler.ipynb
+def _flatten(plan, batches, points):
+    "Streamlines of `batches` in plan order: subject, id, points and source batch of each."
+    parts = [(b, s, np.asarray(ids, dtype=np.int64)) for b in batches for s, ids in plan[b]]
+    if not parts: return (np.zeros(0, np.int64),) * 2 + (np.zeros(0), np.zeros(0, np.int64))
+    subjects = np.concatenate([np.full(len(ids), s, dtype=np.int64) for _, s, ids in parts])
+    ids = np.concatenate([ids for _, _, ids in parts])
+    source = np.concatenate([np.full(len(i), b, dtype=np.int64) for b, _, i in parts])
+    pts = np.concatenate([np.asarray(points[s], dtype=np.float64)[i] for _, s, i in parts])
+    return subjects, ids, pts, source
+
+
+def _as_parts(subjects, ids):
+    "One part per subject, subjects in first-appearance order, ids in their order."
+    _, first = np.unique(subjects, return_index=True)
+    return [(int(s), ids[subjects == s]) for s in subjects[np.sort(first)]]
+
+
+def _deal_round(flat, nb_bins, start, cap, tolerance, sizes):
+    """Balance one round of streamlines (`flat`, see `_flatten`) into `nb_bins` batches.
+
+    Returns ``(bins, spread)``: each bin is a plan batch index (when it is exactly that batch, kept
+    as it is; `sizes` are the plan batches' streamline counts) or a new batch ``(subjects, ids)``;
+    `spread` is the round's `batch_spread`.
+    """
+    subjects, ids, pts, source = flat
+    owner = balance_round(pts, nb_bins, start, cap=cap, tolerance=tolerance)
+    bins = []
+    for b in range(nb_bins):
+        mine = owner == b
+        kept = np.unique(source[mine])
+        whole = len(kept) == 1 and mine.sum() == sizes[kept[0]]
+        bins.append(int(kept[0]) if whole else (subjects[mine], ids[mine]))
+    return bins, batch_spread(_deal_loads(pts, owner, nb_bins))
+
+
+def _group_round(plan, batches, points, nb_bins, cap, tolerance, sizes, loads, extra=()):
+    """One round from `batches` (``nb_bins`` of them, or fewer: the leftover) and the `extra` batches melted in.
+
+    With ``nb_bins`` batches, the deal starts from them, the extra streamlines (fewer than
+    ``nb_bins``) given one each to the lightest batches; else it starts from LPT. `loads` are the
+    points of the plan's batches: a round already even enough is kept without a look inside.
+    """
+    batches = sorted(batches)
+    if not extra and len(batches) == nb_bins and batch_spread(loads[batches]) <= 1 + tolerance + 1e-12:
+        return batches, batch_spread(loads[batches])
+    flat = _flatten(plan, sorted(batches + list(extra)), points)
+    _, _, pts, source = flat
+    own = np.isin(source, batches)
+    start = None
+    if len(batches) == nb_bins and (~own).sum() <= nb_bins:
+        start = np.searchsorted(batches, source)
+        own_loads = np.bincount(start[own], weights=pts[own], minlength=nb_bins)
+        loose = np.flatnonzero(~own)
+        start[loose[np.argsort(-pts[loose], kind='stable')]] = np.argsort(own_loads, kind='stable')[:len(loose)]
+    return _deal_round(flat, nb_bins, start, cap, tolerance, sizes)
+
+
+def _melt_rounds(plan, batches, points, nb_bins, cap, tolerance, sizes, loads):
+    "Two rounds from the streamlines of `batches` (LPT into 2 × nb_bins batches, paired by size); None past `cap`."
+    flat = _flatten(plan, sorted(batches), points)
+    pts = flat[2]
+    owner = deal_lpt(pts, 2 * nb_bins)
+    if not _within_cap(pts, owner, 2 * nb_bins, cap): return None
+    by_load = np.argsort(-_deal_loads(pts, owner, 2 * nb_bins), kind='stable')
+    rounds = []
+    for chunk in (by_load[:nb_bins], by_load[nb_bins:]):
+        position = np.zeros(2 * nb_bins, dtype=np.int64)
+        position[chunk] = np.arange(nb_bins)
+        mine = np.isin(owner, chunk)
+        rounds.append(_deal_round(tuple(a[mine] for a in flat), nb_bins, position[owner[mine]], cap, tolerance, sizes))
+    return rounds
+
+# %% ../nbs/06_sampler.ipynb
+def shard_plan(plan, points, world_size, *, tolerance=SHARD_TOLERANCE):
     """Split the global plan of an epoch between `world_size` ranks, as described above.
 
     Parameters
@@ -187,44 +414,50 @@ def shard_plan(plan, points, world_size):
     points : list of ndarray (n_s,)
         For each subject, the (estimated) number of points of each of its streamlines.
     world_size : int
+    tolerance : float
+        The batches of a round should hold the same number of points within that fraction.
 
     Returns
     -------
     shards : list (world_size) of list of (global_batch_index, list of (subject_index, ndarray))
-        Each rank's batches in the order it runs them; every rank has the same number.
+        Each rank's batches in the order it runs them; every rank has the same number. A batch
+        kept from the plan is the plan's own list; a re-dealt one has an index ``>= len(plan)``.
     nb_dropped : int
-        Streamlines left out (only when the leftover pool holds fewer streamlines than ranks).
+        Streamlines left out (only when the epoch holds fewer streamlines than ranks).
     """
     nb_batches = len(plan)
     if world_size == 1:
         return [list(enumerate(plan))], 0
-    batch_points = np.array([sum(float(points[s][ids].sum()) for s, ids in b) for b in plan], dtype=np.float64)
+    batch_points = np.array([sum(float(np.asarray(points[s], dtype=np.float64)[ids].sum()) for s, ids in b)
+                             for b in plan], dtype=np.float64)
+    deal = dict(points=points, nb_bins=world_size, tolerance=tolerance,
+                cap=float(batch_points.max()) if nb_batches else 0.,
+                sizes=np.array([sum(len(ids) for _, ids in b) for b in plan], dtype=np.int64), loads=batch_points)
     by_size = np.argsort(-batch_points, kind='stable')
     nb_rounds = nb_batches // world_size
-    rounds = np.sort(by_size[:nb_rounds * world_size].reshape(nb_rounds, world_size), axis=1)
-    rounds = rounds[np.argsort(rounds[:, 0], kind='stable')]
+    rounds = [sorted(by_size[k * world_size:(k + 1) * world_size].tolist()) for k in range(nb_rounds)]
     pool = sorted(by_size[nb_rounds * world_size:].tolist())
-
-    def pool_size(): return sum(len(ids) for b in pool for _, ids in plan[b])
-    if pool and pool_size() < world_size and nb_rounds:  # too few to deal: melt the last round in too
-        pool, rounds = sorted(pool + rounds[-1].tolist()), rounds[:-1]
-    shards = [[(int(b), plan[b]) for b in rounds[:, r]] for r in range(world_size)]
-    if not pool:
-        return shards, 0
-    subjects = np.concatenate([np.full(len(ids), s, dtype=np.int64) for b in pool for s, ids in plan[b]])
-    ids = np.concatenate([np.asarray(ids, dtype=np.int64) for b in pool for _, ids in plan[b]])
-    if len(ids) < world_size:
-        return shards, len(ids)
-    cost = np.array([points[s][i] for s, i in zip(subjects, ids)], dtype=np.float64)
-    k = np.arange(len(ids))
-    snake = np.where((k // world_size) % 2 == 0, k % world_size, world_size - 1 - k % world_size)
-    owner = np.empty(len(ids), dtype=np.int64)
-    owner[np.argsort(-cost, kind='stable')] = snake
-    for r in range(world_size):
-        mine_subjects, mine_ids = subjects[owner == r], ids[owner == r]
-        _, first = np.unique(mine_subjects, return_index=True)
-        parts = [(int(s), mine_ids[mine_subjects == s]) for s in mine_subjects[np.sort(first)]]
-        shards[r].append((nb_batches + r, parts))
+    pool_size = sum(len(ids) for b in pool for _, ids in plan[b])
+    tail = []
+    if pool and pool_size < world_size:   # too few to deal: melted into the smallest round
+        if not rounds:
+            return [[] for _ in range(world_size)], pool_size
+        tail = [_group_round(plan, rounds.pop(), extra=pool, **deal)]
+    elif pool:
+        tail = [_group_round(plan, pool, **deal)]
+        if tail[0][1] > 1 + tolerance and rounds:   # uneven on its own: melted with the smallest round?
+            melted = _melt_rounds(plan, rounds[-1] + pool, **deal)
+            if melted and max(s for _, s in melted) < max(tail[0][1], _group_round(plan, rounds[-1], **deal)[1]):
+                rounds.pop()
+                tail = melted
+    shards, next_index = [[] for _ in range(world_size)], nb_batches
+    for bins, _ in [_group_round(plan, r, **deal) for r in sorted(rounds)] + tail:
+        for rank, got in enumerate(bins):
+            if isinstance(got, int):
+                shards[rank].append((got, plan[got]))
+            else:
+                shards[rank].append((next_index, _as_parts(*got)))
+                next_index += 1
     return shards, 0
 
 # %% ../nbs/06_sampler.ipynb
