@@ -26,3 +26,45 @@ def read_only_folder(tmp_path):
     if not os.access('/proc/sys', os.W_OK):
         return Path('/proc/sys')
     pytest.skip('no read-only folder for root here')
+
+
+# ---- data and trainers from dwiml_nb.testing (the notebooks use the same builders) ----
+@pytest.fixture
+def dwiml_file(tmp_path):
+    "A small HDF5 file written exactly as dwi_ml's builder writes it: ``(path, truth)``."
+    from dwiml_nb.testing import write_dwiml_hdf5
+    path = tmp_path / 'dwiml.hdf5'
+    return path, write_dwiml_hdf5(path)
+
+
+@pytest.fixture
+def database(tmp_path):
+    "A database folder of 3 subjects (NIfTI volumes, .trk tractograms) and its ground truth."
+    from dwiml_nb.testing import make_database
+    return make_database(tmp_path / 'db')
+
+
+@pytest.fixture
+def tiny_hdf5(tmp_path):
+    "A tiny dwi_ml-layout file with one subject per set (`write_tiny_hdf5`)."
+    from dwiml_nb.testing import write_tiny_hdf5
+    return write_tiny_hdf5(tmp_path / 'tiny.hdf5')
+
+
+@pytest.fixture
+def toy_trainer(tmp_path):
+    "A factory: ``toy_trainer(**trainer_kwargs)`` -> a `ToyTrainer` writing under this test's folder."
+    from dwiml_nb.testing import make_toy_trainer
+
+    def make(experiment_name='exp', **kwargs):
+        return make_toy_trainer(tmp_path / 'experiments', experiment_name, **kwargs)
+    return make
+
+
+@pytest.fixture(scope='session')
+def demo_phantom_hdf5(tmp_path_factory):
+    "The demo phantom's HDF5 file, built once per test process (each xdist worker has its own)."
+    from dwiml_nb.data import make_demo_dataset
+    out = tmp_path_factory.mktemp('demo')
+    make_demo_dataset(out, which='phantom', progress=False)
+    return out / 'phantom.hdf5'

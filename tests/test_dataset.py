@@ -1,4 +1,4 @@
-"""MultiSubjectDataset on real HDF5 files written in dwi_ml's own layout (tests/dwiml_fixture.py)."""
+"""MultiSubjectDataset on real HDF5 files written in dwi_ml's own layout (dwiml_nb.testing)."""
 import gc
 import os
 import pickle
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from dwiml_nb.core import ConfigError, DataError, PackedStreamlines
 from dwiml_nb.dataset import MultiSubjectDataset, MultiSubjectSubset, StreamlineGroupInfo, read_packed_streamlines
-from dwiml_fixture import read_streamlines_slowly, write_dwiml_hdf5
+from dwiml_nb.testing import read_streamlines_slowly, write_dwiml_hdf5
 
 SETS = ('training', 'validation', 'testing')
 

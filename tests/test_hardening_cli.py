@@ -11,8 +11,7 @@ import torch
 from dwiml_nb.core import CheckpointError, ConfigError
 from dwiml_nb.trainer import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import make_toy_trainer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TRAIN, RESUME = 'dwiml_train_model', 'dwiml_resume_training_from_checkpoint'

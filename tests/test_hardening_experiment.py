@@ -1,6 +1,5 @@
 """An experiment folder is used by one trainer at a time, is never written through a symbolic link,
 resumes only on its own logs, and a run that would train nothing is refused before it starts."""
-import os
 import signal
 import subprocess
 import sys
@@ -14,12 +13,9 @@ import torch
 from dwiml_nb.core import CheckpointError, ConfigError
 from dwiml_nb.trainer import experiment_paths
 
-TESTS_DIR = Path(__file__).parent
-sys.path.insert(0, str(TESTS_DIR))
-from trainer_test_utils import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
 
 RESUME = Path(sys.executable).parent / 'dwiml_resume_training_from_checkpoint'
-ENV = {**os.environ, 'PYTHONPATH': str(TESTS_DIR)}
 
 
 def resume(path, name='exp', **kwargs):
@@ -42,7 +38,7 @@ def one_epoch(tmp_path):
 def test_a_sampler_with_no_batch_is_refused_before_anything_is_written(tmp_path, role):
     samplers = {'training': ToySampler(ToySubset('training')), 'validation': ToySampler(ToySubset('validation'))}
     samplers[role] = ToySampler(ToySubset(role), max_batches_per_epoch=0)   # an epoch of 0 batches
-    with pytest.raises(ConfigError, match=rf'the {role} sampler \(trainer_test_utils:ToySampler\) plans 0 batches: '
+    with pytest.raises(ConfigError, match=rf'the {role} sampler \(dwiml_nb.testing:ToySampler\) plans 0 batches: '
                                           rf'its {role} subset has no streamline'):
         ToyTrainer(ToyModel(), tmp_path, 'exp', samplers['training'], samplers['validation'], progress=False)
     assert not (tmp_path / 'exp').exists()
@@ -50,7 +46,7 @@ def test_a_sampler_with_no_batch_is_refused_before_anything_is_written(tmp_path,
 
 def test_a_real_empty_validation_subset_is_refused(tmp_path):
     # A real sampler on a subset whose subject has no streamline plans 0 batches (it used to give a NaN loss).
-    from trainer_test_utils import make_real_samplers, write_tiny_hdf5, NextStepModel, NextStepTrainer
+    from dwiml_nb.testing import make_real_samplers, write_tiny_hdf5, NextStepModel, NextStepTrainer
     hdf5 = write_tiny_hdf5(tmp_path / 'tiny.hdf5')
     training, validation = make_real_samplers(hdf5)
     validation._costs = [c[:0] for c in validation._costs]   # as if sub-2 had no streamline
@@ -66,8 +62,8 @@ def test_resume_with_nothing_left_to_do_says_so(one_epoch):
     with pytest.raises(ConfigError, match=r'already trained 1 epoch\(s\) and max_epochs is 1: nothing to do; pass '
                                           r'new_max_epochs \(--new_max_epochs\) above 1'):
         resume(one_epoch)
-    run = subprocess.run([RESUME, one_epoch, 'exp', '--import', 'trainer_test_utils', '--no_progress',
-                          '--new_max_epochs', '1'], capture_output=True, text=True, env=ENV, timeout=120)
+    run = subprocess.run([RESUME, one_epoch, 'exp', '--import', 'dwiml_nb.testing', '--no_progress',
+                          '--new_max_epochs', '1'], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and 'Traceback' not in run.stderr and 'nothing to do' in run.stderr, run.stderr
     assert snapshot(one_epoch / 'exp') == before
 
@@ -91,8 +87,7 @@ def test_nonsense_settings_are_refused_and_nothing_is_deleted(one_epoch, kwargs,
 HOLDER = textwrap.dedent('''
     import sys, time
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
-    from trainer_test_utils import make_toy_trainer
+    from dwiml_nb.testing import make_toy_trainer
     path = Path({path!r})
 
     class Hold:
@@ -106,7 +101,7 @@ HOLDER = textwrap.dedent('''
 
 
 def start_holder(path, workers=0):
-    proc = subprocess.Popen([sys.executable, '-c', HOLDER.format(tests=str(TESTS_DIR), path=str(path),
+    proc = subprocess.Popen([sys.executable, '-c', HOLDER.format(path=str(path),
                                                                   workers=workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -128,8 +123,8 @@ def test_a_second_trainer_on_a_busy_experiment_is_refused_at_once(tmp_path):
             resume(tmp_path, new_max_epochs=3).train_and_validate()
         with pytest.raises(ConfigError, match=message):   # a new run that would delete it
             make_toy_trainer(tmp_path, 'exp', overwrite=True)
-        run = subprocess.run([RESUME, tmp_path, 'exp', '--import', 'trainer_test_utils', '--no_progress',
-                              '--new_max_epochs', '3'], capture_output=True, text=True, env=ENV, timeout=120)
+        run = subprocess.run([RESUME, tmp_path, 'exp', '--import', 'dwiml_nb.testing', '--no_progress',
+                              '--new_max_epochs', '3'], capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and 'Traceback' not in run.stderr
         assert f'another process (pid {proc.pid}) is training this experiment' in run.stderr
         assert {p: p.read_bytes() for p in (tmp_path / 'exp' / 'checkpoint').iterdir()} == before
@@ -207,7 +202,7 @@ def test_rows_written_after_the_checkpoint_are_still_cut(one_epoch):
 
 # ---- 5. the HDF5 file: absolute path, moved, rebuilt -------------------------------------------
 def _real_experiment(tmp_path, monkeypatch):
-    from trainer_test_utils import make_real_trainer, write_tiny_hdf5
+    from dwiml_nb.testing import make_real_trainer, write_tiny_hdf5
     pytest.importorskip('dwiml_nb.dataset').__dict__.get('hdf5_fingerprint') or pytest.skip('no hdf5_fingerprint')
     (tmp_path / 'work').mkdir()
     monkeypatch.chdir(tmp_path / 'work')
@@ -235,8 +230,8 @@ def test_a_moved_hdf5_file_is_named_with_hdf5_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=rf"the HDF5 file '{hdf5}' of the checkpoint is not there \(moved\?\): "
                                               r'pass --hdf5_file PATH'):
         resume_experiment(exps, 'exp', new_max_epochs=2, progress=False)
-    run = subprocess.run([RESUME, exps, 'exp', '--import', 'trainer_test_utils', '--no_progress', '--new_max_epochs',
-                          '2', '--hdf5_file', moved], capture_output=True, text=True, env=ENV, timeout=300)
+    run = subprocess.run([RESUME, exps, 'exp', '--import', 'dwiml_nb.testing', '--no_progress', '--new_max_epochs',
+                          '2', '--hdf5_file', moved], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     ckpt = torch.load(experiment_paths(exps, 'exp')['checkpoint'], weights_only=True)
     assert ckpt['position']['epoch'] == 2 and ckpt['hdf5_file'] == str(moved)
@@ -252,8 +247,8 @@ def test_a_rebuilt_hdf5_file_is_refused_unless_accepted(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=rf"the HDF5 file '{hdf5}' changed since the checkpoint \(rebuilt\?\): .*"
                                               r'pass --accept_changed_hdf5'):
         resume_experiment(exps, 'exp', new_max_epochs=2, progress=False)
-    run = subprocess.run([RESUME, exps, 'exp', '--import', 'trainer_test_utils', '--no_progress', '--new_max_epochs',
-                          '2'], capture_output=True, text=True, env=ENV, timeout=300)
+    run = subprocess.run([RESUME, exps, 'exp', '--import', 'dwiml_nb.testing', '--no_progress', '--new_max_epochs',
+                          '2'], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and 'Traceback' not in run.stderr and 'changed since the checkpoint' in run.stderr
     assert snapshot(exps) == before
     trainer = resume_experiment(exps, 'exp', new_max_epochs=2, accept_changed_hdf5=True, progress=False)
@@ -262,7 +257,7 @@ def test_a_rebuilt_hdf5_file_is_refused_unless_accepted(tmp_path, monkeypatch):
 
 def test_a_resume_from_python_on_a_rebuilt_hdf5_file_is_refused_unless_accepted(tmp_path, monkeypatch):
     import h5py
-    from trainer_test_utils import NextStepModel, NextStepTrainer, make_real_samplers
+    from dwiml_nb.testing import NextStepModel, NextStepTrainer, make_real_samplers
     exps, hdf5 = _real_experiment(tmp_path, monkeypatch)
     with h5py.File(hdf5, 'a') as f:
         f.attrs['data_and_time'] = '2 January 2026 00:00:00'

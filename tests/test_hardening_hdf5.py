@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from dwiml_nb.core import DataError
 from dwiml_nb.dataset import MultiSubjectDataset, hdf5_fingerprint
-from dwiml_fixture import write_dwiml_hdf5
+from dwiml_nb.testing import write_dwiml_hdf5
 
 
 def load(path, lazy):
@@ -113,7 +113,7 @@ def test_dataloader_workers_refuse_a_rebuilt_file(tmp_path):
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
     from dwiml_nb.hdf5 import create_hdf5_dataset
-    from hdf5_test_utils import make_database
+    from dwiml_nb.testing import make_database
     root = tmp_path_factory.mktemp('built')
     db = make_database(root / 'db', subjects=('sub-01', 'sub-02'), nb_streamlines=(30, 20))
     out = root / 'built.hdf5'

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import write_tiny_hdf5  # noqa: E402
+from dwiml_nb.testing import write_tiny_hdf5  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -9,8 +9,7 @@ import pytest
 
 from dwiml_nb.core import DataError, atomic_write
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import make_toy_trainer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -18,9 +18,8 @@ from dwiml_nb.core import ConfigError, DataError
 from dwiml_nb.hdf5 import (NOT_DEFINED, STD_EPSILON, build_volume_group, create_hdf5_dataset, describe_hdf5,
                            open_dwiml_hdf5, read_group_attrs, read_root_attrs, standardize)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dwiml_fixture import write_dwiml_hdf5  # noqa: E402
-from hdf5_test_utils import (make_affine, make_database, random_streamlines, write_nifti,  # noqa: E402
+from dwiml_nb.testing import write_dwiml_hdf5  # noqa: E402
+from dwiml_nb.testing import (make_affine, make_database, random_streamlines, write_nifti,  # noqa: E402
                              write_subject_lists, write_tractogram)
 
 BIN = Path(sys.executable).parent

@@ -20,9 +20,8 @@ from dwiml_nb.core import DataError
 from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.hdf5 import create_hdf5_dataset, open_dwiml_hdf5
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dwiml_fixture import write_dwiml_hdf5  # noqa: E402
-from hdf5_test_utils import (make_affine, make_database, random_streamlines, write_nifti,  # noqa: E402
+from dwiml_nb.testing import write_dwiml_hdf5  # noqa: E402
+from dwiml_nb.testing import (make_affine, make_database, random_streamlines, write_nifti,  # noqa: E402
                              write_subject_lists, write_tractogram)
 
 BIN = Path(sys.executable).parent

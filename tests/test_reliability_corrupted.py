@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 import zipfile
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -27,10 +26,8 @@ from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.hdf5 import open_dwiml_hdf5
 from dwiml_nb.trainer import experiment_paths, load_checkpoint, resume_experiment, resume_main
 
-TESTS_DIR = Path(__file__).parent
-sys.path.insert(0, str(TESTS_DIR))
-from dwiml_fixture import write_dwiml_hdf5  # noqa: E402
-from trainer_test_utils import make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import write_dwiml_hdf5  # noqa: E402
+from dwiml_nb.testing import make_toy_trainer  # noqa: E402
 
 torch.set_num_threads(1)
 

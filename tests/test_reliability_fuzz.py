@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.hdf5 import create_hdf5_dataset, open_dwiml_hdf5
 from dwiml_nb.sampler import AbstractBatchSampler, BatchStreamlinesSamplerOneInput, estimate_nb_points
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dwiml_fixture import write_dwiml_hdf5  # noqa: E402
-from hdf5_test_utils import make_affine, random_streamlines, write_nifti, write_tractogram  # noqa: E402
+from dwiml_nb.testing import write_dwiml_hdf5  # noqa: E402
+from dwiml_nb.testing import make_affine, random_streamlines, write_nifti, write_tractogram  # noqa: E402
 
 FUZZ = settings(max_examples=20, deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -28,10 +28,8 @@ from dwiml_nb.core import DataError, DiskFullError
 from dwiml_nb.hdf5 import create_hdf5_dataset, describe_hdf5, open_dwiml_hdf5
 from dwiml_nb.trainer import TIMING_COLUMNS, experiment_paths, load_checkpoint
 
-TESTS_DIR = Path(__file__).parent
-sys.path.insert(0, str(TESTS_DIR))
-from hdf5_test_utils import make_database, write_subject_lists  # noqa: E402
-from trainer_test_utils import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import make_database, write_subject_lists  # noqa: E402
+from dwiml_nb.testing import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
 
 # Bitwise comparisons need the same reduction order in every process.
 torch.set_num_threads(1)
@@ -154,10 +152,9 @@ def test_overwrite_killed_mid_subject_keeps_the_previous_file(build_inputs, tmp_
 
 TRAIN_KILLER = textwrap.dedent('''
     import os, signal, sys
-    sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
-    from trainer_test_utils import make_toy_trainer
+    from dwiml_nb.testing import make_toy_trainer
     RUN = {run!r}
     event_wanted, nth = {event!r}, {nth}
     seen, opens = [], {{}}
@@ -196,7 +193,7 @@ def straight_toy_run(tmp_path_factory):
 @pytest.mark.parametrize('moment', ['before_fsync', 'before_rename'])
 def test_trainer_killed_mid_checkpoint_write_keeps_the_previous_one_and_resumes_exactly(
         tmp_path, straight_toy_run, moment):
-    script = TRAIN_KILLER.format(tests=str(TESTS_DIR), event=moment, nth=4, path=str(tmp_path), run=RUN)
+    script = TRAIN_KILLER.format(event=moment, nth=4, path=str(tmp_path), run=RUN)
     with open(tmp_path / 'output.txt', 'w') as out:
         proc = subprocess.run([sys.executable, '-c', script], stdout=out, stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / 'output.txt').read_text()

@@ -15,8 +15,7 @@ import torch
 from dwiml_nb.core import ConfigError
 from dwiml_nb.trackers import CometTracker, TensorBoardTracker, make_tracker
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import (ToyModel, ToySampler, ToySubset, ToyTrainer, make_real_trainer,  # noqa: E402
+from dwiml_nb.testing import (ToyModel, ToySampler, ToySubset, ToyTrainer, make_real_trainer,  # noqa: E402
                                 make_toy_trainer, write_tiny_hdf5)
 
 torch.set_num_threads(1)
