@@ -34,13 +34,15 @@ logger = logging.getLogger(__name__)
 # %% auto 0
 __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_COLORS', 'NO_RECORD', 'STAGES', 'COLOR_MODES',
            'SLICE_AXES', 'DIRECTION_KEY', 'STAGE_TEXT', 'DRAWINGS', 'ORIENTATION_LABELS', 'LIVE_CHOICES',
-           'STAGE_OPTIONS', 'ALL_SUBJECTS', 'categorical_palette', 'colors_by_streamline', 'colors_by_subject',
-           'colors_by_direction', 'colormap', 'feature_range', 'colors_by_feature', 'augmentation_record',
-           'augmentation_codes', 'sampler_variant', 'batch_parts', 'voxel_to_world', 'world_to_voxel_index',
-           'densest_slice', 'Legend', 'legend_html', 'BatchView', 'make_batch_view', 'RenderingUnavailable',
-           'ensure_runtime_dir', 'check_rendering', 'view_direction', 'slice_plane', 'orientation_positions',
-           'render_view', 'png_bytes', 'save_png', 'annotate', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy',
-           'LiveCanvas', 'fallback_bundle', 'fallback_hiding_style', 'BatchInspector', 'visualize_batch_main']
+           'STAGE_OPTIONS', 'ALL_SUBJECTS', 'NO_BUNDLE_COLOR', 'REFERENCE_FADE', 'categorical_palette',
+           'colors_by_streamline', 'colors_by_subject', 'colors_by_direction', 'colormap', 'feature_range',
+           'colors_by_feature', 'augmentation_record', 'augmentation_codes', 'sampler_variant', 'batch_parts',
+           'voxel_to_world', 'world_to_voxel_index', 'densest_slice', 'Legend', 'legend_html', 'BatchView',
+           'make_batch_view', 'add_subject_slice', 'RenderingUnavailable', 'ensure_runtime_dir', 'check_rendering',
+           'view_direction', 'slice_plane', 'orientation_positions', 'render_view', 'png_bytes', 'save_png', 'annotate',
+           'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas', 'fallback_bundle',
+           'fallback_hiding_style', 'BatchInspector', 'tractogram_in_world', 'reference_bundles', 'overlay_view',
+           'render_overlay_png', 'palette_png', 'TractogramOverlay', 'visualize_batch_main']
 
 # %% ../nbs/09_viz_batch.ipynb
 _NB_DISTINCT = 48
@@ -393,7 +395,7 @@ class BatchView:
     colors : ndarray of float32 (nb_points, 3)
         RGB in [0, 1] of every point of `streamlines`.
     underlay : PackedStreamlines or None
-        Streamlines drawn in light grey behind (the batch before augmentation, stage 'both').
+        Streamlines drawn thin behind (the batch before augmentation, stage 'both'; a reference tractogram).
     slice_image : ndarray of float32 (X, Y, Z) or None
         The volume whose slice is drawn under the streamlines.
     slice_axis, slice_index : int or None
@@ -406,6 +408,8 @@ class BatchView:
         Subset, subject, batch, stage, colouring, feature and slice, in one line.
     legend : Legend or None
         The key of the colouring.
+    underlay_colors : ndarray of float32 (nb_points of underlay, 3) or None
+        RGB of every point of `underlay` (None: light grey).
     """
     streamlines: PackedStreamlines
     colors: np.ndarray
@@ -418,6 +422,7 @@ class BatchView:
     slice_subject: int | None = None
     title: str = ''
     legend: Legend | None = None
+    underlay_colors: np.ndarray | None = None
 
 # %% ../nbs/09_viz_batch.ipynb
 def _subject_parts(sampler, parts, subject):
@@ -554,14 +559,23 @@ def make_batch_view(sampler, parts, *, stage='after', color_by='streamline', fea
 
 
 def _add_slice(view, sampler, parts, axis, index, group, feature):
+    group = group or getattr(sampler, 'input_group', None)
+    add_subject_slice(view, sampler.source_data, parts[0].subject_index, axis, index, group, feature,
+                      hdf5_file=_hdf5_name(sampler))
+
+
+def add_subject_slice(view, data, subject, axis, index=None, group=None, feature=None, hdf5_file=None):
+    """Put a slice of volume `group` of subject index `subject` of the subset `data` under `view`.
+
+    `group` defaults to the first volume group, `index` to the slice most streamlines of `view` cross
+    (`densest_slice`), `feature` to the root mean square of all features.
+    """
     axis = SLICE_AXES.get(axis, axis)
     if axis not in (0, 1, 2):
         raise ConfigError(f"slice_axis must be one of None, 'x', 'y', 'z', 0, 1, 2, got {axis!r}")
-    data = sampler.source_data
-    group = group or getattr(sampler, 'input_group', None) or (data.volume_groups[0] if data.volume_groups else None)
+    group = group or (data.volume_groups[0] if data.volume_groups else None)
     if group is None:
-        raise ConfigError('a slice needs a volume group and this dataset has none', file=_hdf5_name(sampler))
-    subject = parts[0].subject_index
+        raise ConfigError('a slice needs a volume group and this dataset has none', file=hdf5_file)
     volume = np.asarray(data.get_volume(subject, group), dtype=np.float32)
     if feature is None:
         image = np.sqrt(np.mean(np.square(volume), axis=-1))
@@ -773,8 +787,9 @@ def _view_actors(actor, view, thickness, drawing='lines'):
     radius = max(float(np.max(high - low)) * 0.004, 0.05) if drawing == 'tubes' else None
     actors = []
     if view.underlay is not None and len(view.underlay):
-        grey = np.full((view.underlay.nb_points, 3), 0.8, np.float32)
-        actors.append(_line_actor(actor, view.underlay, grey, thickness * 0.5))
+        colors = view.underlay_colors
+        colors = np.full((view.underlay.nb_points, 3), 0.8, np.float32) if colors is None else colors
+        actors.append(_line_actor(actor, view.underlay, colors, thickness * 0.5))
     if len(view.streamlines):
         actors.append(_line_actor(actor, view.streamlines, view.colors, thickness, radius))
     if view.slice_image is not None:
@@ -1389,11 +1404,212 @@ class BatchInspector(_InspectorControls, _InspectorDrawing):
         return self._samplers[name]
 
 # %% ../nbs/09_viz_batch.ipynb
+NO_BUNDLE_COLOR = (0.25, 0.25, 0.25)
+REFERENCE_FADE = 0.65     # reference colours mixed this much with white: behind, never competing
+
+
+def _contiguous(streams):
+    "The same streamlines with their points one after the other (what the per-point colours follow)."
+    rows = ranges_to_indices(streams.offsets, streams.lengths)
+    return PackedStreamlines(np.asarray(streams.data, np.float32)[rows], offsets_from_lengths(streams.lengths),
+                             np.asarray(streams.lengths, np.int64))
+
+
+def tractogram_in_world(tractogram, affine, shape):
+    """A tractogram as contiguous RAS+ mm `PackedStreamlines`.
+
+    Parameters
+    ----------
+    tractogram : PackedStreamlines, TrackingResult, StatefulTractogram, str or Path
+        `PackedStreamlines` are in voxel space (corner origin) of the grid `affine`; a
+        `TrackingResult` brings its own affine; a file is read on the grid (`load_tractogram_on_grid`).
+    affine : ndarray (4, 4)
+        Voxel (centre) to RAS+ mm of the subject's grid.
+    shape : tuple of 3 int
+    """
+    if hasattr(tractogram, 'to_rasmm'):                      # dipy StatefulTractogram: its own space
+        import copy
+        sft = copy.deepcopy(tractogram)
+        sft.to_rasmm()
+        lengths = np.asarray(sft.streamlines._lengths, np.int64)
+        data = np.asarray(sft.streamlines.get_data(), np.float32).reshape(-1, 3)
+        return PackedStreamlines(data, offsets_from_lengths(lengths), lengths)
+    if isinstance(getattr(tractogram, 'streamlines', None), PackedStreamlines):    # TrackingResult
+        tractogram, affine = tractogram.streamlines, tractogram.affine
+    elif isinstance(tractogram, (str, os.PathLike)):
+        from dwiml_nb.scoring import load_tractogram_on_grid
+        tractogram = load_tractogram_on_grid(tractogram, affine, shape)
+    elif not isinstance(tractogram, PackedStreamlines):
+        raise ConfigError('the tractogram must be PackedStreamlines, a TrackingResult, a StatefulTractogram or a '
+                          f'.trk/.tck/.trx path, not {type(tractogram).__name__}')
+    streams = _contiguous(tractogram)
+    return PackedStreamlines(voxel_to_world(streams.data, affine), streams.offsets, streams.lengths)
+
+
+def reference_bundles(subset, index, group='streamlines', bundle_key='bundle_id'):
+    "The bundle id of every streamline of `group` (its data per streamline `bundle_key`; all 0 without it)."
+    info = subset.get_streamline_info(index, group)
+    if bundle_key not in info.dps_keys:
+        return np.zeros(len(info), np.int64)
+    ids = subset.get_dps(index, group, bundle_key, np.arange(len(info)))
+    return np.rint(np.asarray(ids, np.float64).reshape(len(info), -1)[:, 0]).astype(np.int64)
+
+# %% ../nbs/09_viz_batch.ipynb
+def _overlay_legend(names, ref_ids, labels, palette, group, threshold):
+    "The key: one swatch per bundle with its counts, the unassigned ones, the faded reference."
+    name = lambda b: names[b] if names is not None and 0 <= b < len(names) else f'bundle_{b}'
+    items = [(f'{name(b)}: {int((labels == b).sum())} tracked / {int((ref_ids == b).sum())} reference',
+              tuple(palette[b].tolist())) for b in np.unique(np.r_[ref_ids, labels[labels >= 0]])]
+    if (labels < 0).any():
+        items.append((f'no bundle: {int((labels < 0).sum())} tracked', NO_BUNDLE_COLOR))
+    why = f'closest reference bundle by MDF, at most {threshold:g} mm' if threshold is not None else 'labels given'
+    return Legend('colour by assigned bundle', items,
+                  note=f'bundle: {why}; the reference ({group}, {len(ref_ids)} streamlines) is drawn thin and faded')
+
+
+def overlay_view(tractogram, data, subject, *, reference_group='streamlines', labels=None, bundle_names=None,
+                 bundle_key='bundle_id', mdf_threshold_mm=None, name='tractogram', slice_axis=None,
+                 slice_index=None, slice_group=None, slice_feature=None):
+    """A `BatchView` of `tractogram` coloured by bundle over `subject`'s reference streamlines, in RAS+ mm.
+
+    Parameters
+    ----------
+    tractogram : PackedStreamlines, TrackingResult, StatefulTractogram, str or Path
+        See `tractogram_in_world`.
+    data : MultiSubjectDataset, MultiSubjectSubset, str or Path
+        The dataset (or its HDF5 file) holding `subject`.
+    subject : str
+    reference_group, bundle_key : str
+        The reference streamline group and its data per streamline giving each one's bundle.
+    labels : array-like of int (nb tracked streamlines,), optional
+        Bundle of each tracked streamline (-1: none); default `assign_to_bundles` against the reference.
+    bundle_names : list of str, optional
+        Name of bundle id i (default: the demo's `bundle_names.json`, else ``bundle_<i>``).
+    mdf_threshold_mm : float, optional
+        For the assignment (default `dwiml_nb.scoring.MDF_THRESHOLD_MM`).
+    name : str
+        What the tractogram is, for the title.
+    slice_axis, slice_index, slice_group, slice_feature
+        A slice of a volume of the subject underneath (see `add_subject_slice`).
+    """
+    from dwiml_nb.data import demo_bundle_names
+    from dwiml_nb.dataset import MultiSubjectDataset
+    from dwiml_nb.scoring import MDF_THRESHOLD_MM, assign_to_bundles
+    from dwiml_nb.tracking import find_subject
+    if not (hasattr(data, 'subsets') or hasattr(data, 'subjects')):
+        data = MultiSubjectDataset(data, lazy=True).load_data(progress=False)
+    subset, index = find_subject(data, subject)
+    info = subset.get_streamline_info(index, reference_group)
+    reference = _contiguous(subset.get_streamlines(index, reference_group, np.arange(len(info))))
+    reference = PackedStreamlines(voxel_to_world(reference.data, info.affine), reference.offsets, reference.lengths)
+    ref_ids = reference_bundles(subset, index, reference_group, bundle_key)
+    tracked = tractogram_in_world(tractogram, info.affine, tuple(int(n) for n in info.dimensions))
+    threshold = None
+    if labels is None:
+        threshold = MDF_THRESHOLD_MM if mdf_threshold_mm is None else float(mdf_threshold_mm)
+        labels, _ = assign_to_bundles(tracked.to_list(), reference.to_list(), ref_ids, threshold)
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    if len(labels) != len(tracked):
+        raise ConfigError(f'{len(labels)} labels for {len(tracked)} tracked streamlines', subject=subject)
+    hdf5_file = getattr(data, 'hdf5_file', None)
+    names = bundle_names if bundle_names is not None else (demo_bundle_names(hdf5_file) if hdf5_file else None)
+    palette = categorical_palette(int(max(ref_ids.max(initial=-1), labels.max(initial=-1))) + 1)
+    per_streamline = np.where(labels[:, None] >= 0, palette[np.maximum(labels, 0)], np.float32(NO_BUNDLE_COLOR))
+    faded = palette[ref_ids] * (1 - REFERENCE_FADE) + REFERENCE_FADE
+    view = BatchView(tracked, np.repeat(per_streamline, tracked.lengths, axis=0).astype(np.float32),
+                     underlay=reference, underlay_colors=np.repeat(faded, reference.lengths, axis=0).astype(np.float32),
+                     legend=_overlay_legend(names, ref_ids, labels, palette, reference_group, threshold))
+    where = ''
+    if slice_axis is not None:
+        add_subject_slice(view, subset, index, slice_axis, slice_index, slice_group, slice_feature, hdf5_file)
+        where = f" · slice {'xyz'[view.slice_axis]}={view.slice_index} of {view.slice_group}"
+    view.title = (f'{subject} · {name}: {len(tracked)} streamlines over the reference {reference_group} · '
+                  f'colour by assigned bundle{where}')
+    return view
+
+# %% ../nbs/09_viz_batch.ipynb
+def render_overlay_png(tractogram, data, subject, path, *, size=(800, 800), azimuth=-60.0, elevation=25.0, zoom=1.0,
+                       drawing='lines', annotated=True, **view_kwargs):
+    """Render `overlay_view` (``view_kwargs``: reference_group, labels, bundle_names, name, slice_axis...)
+    to the PNG file `path`, title and key burned in with `annotated`; returns the RGBA picture saved."""
+    view = overlay_view(tractogram, data, subject, **view_kwargs)
+    image = render_view(view, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing)
+    if annotated:
+        image = annotate(image, view)
+    save_png(image, path)
+    logger.info('%s -> %s', view.title, path)
+    return image
+
+# %% ../nbs/09_viz_batch.ipynb
+def palette_png(image, colors=128):
+    """PNG bytes of `image` (uint8 RGB/RGBA) in a palette of `colors` colours: flat lines on white lose
+    nothing to the eye and the file is about 3 times smaller (a saved notebook keeps it twice)."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)[..., :3]).quantize(colors=int(colors)).save(buffer, format='PNG',
+                                                                                             optimize=True)
+    return buffer.getvalue()
+
+
+class TractogramOverlay:
+    """A tractogram over a subject's reference streamlines, in a notebook (see `overlay_view`).
+
+    Parameters
+    ----------
+    tractogram, data, subject
+        As `overlay_view`; its other arguments are ``view_kwargs``.
+    size : (int, int)
+    live : {'auto', True, False}
+        A `LiveCanvas` ('auto': in a Jupyter kernel with jupyter_rfb), else the offscreen snapshot.
+    azimuth, elevation, zoom : float
+        The camera.
+    drawing : {'lines', 'tubes'}
+    """
+    def __init__(self, tractogram, data, subject, *, size=(520, 520), live='auto', azimuth=-60.0, elevation=25.0,
+                 zoom=1.0, drawing='lines', **view_kwargs):
+        import ipywidgets as w
+        self.view = overlay_view(tractogram, data, subject, **view_kwargs)
+        self.size, self.frame, self.canvas = tuple(int(s) for s in size), None, None
+        self.fallback_class = f'dwiml-overlay-fallback-{uuid.uuid4().hex[:12]}'
+        self.message = w.HTML(f'<span style="font-weight:600">{html.escape(self.view.title, quote=False)}</span>')
+        self.legend = w.HTML(legend_html(self.view.legend))
+        self.image = w.Image(format='png', width=self.size[0], height=self.size[1])
+        camera = (azimuth, elevation, zoom)
+        try:
+            if live_canvas_problem(live) is None:
+                try:
+                    self.canvas = LiveCanvas(self.size)
+                except DwimlError as e:
+                    logger.info('the overlay shows an offscreen snapshot, not a live canvas: %s', e)
+            if self.canvas is not None:
+                self.canvas.show(self.view, camera=camera, drawing=drawing)
+                self.frame = self.canvas.snapshot()
+            else:
+                self.frame = render_view(self.view, size=self.size, azimuth=azimuth, elevation=elevation, zoom=zoom,
+                                         drawing=drawing)
+            self.image.value = palette_png(self.frame)
+        except DwimlError as e:
+            self.message.value = f'<span style="color:#b00">⚠ {html.escape(str(e), quote=False)}</span>'
+        picture = self.image if self.canvas is None else self.canvas.widget
+        hide = w.HTML(fallback_hiding_style(self.fallback_class), layout=w.Layout(display='none'))
+        self.widget = w.VBox([self.message, picture, self.legend, hide])
+
+    def png(self):
+        "The picture as PNG bytes, title and key burned in (b'' when nothing could be rendered; `palette_png`)."
+        return b'' if self.frame is None else palette_png(annotate(self.frame, self.view))
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+        display(fallback_bundle(self.png(), self.fallback_class, alt=self.view.title), raw=True)
+
+# %% ../nbs/09_viz_batch.ipynb
 _SIZE = number_in_range(int, 16, 4096)   # pixels: enough for a thumbnail, at most a 4K picture
 
 
 def _visualize_batch(argv=None):
-    p = cli_parser('dwiml_visualize_batch', 'Render one sampled batch of a dwi_ml HDF5 file to a PNG (FURY 2, '
+    p = cli_parser('dwiml_visualize_batch', 'Render one sampled batch of a dwi_ml HDF5 file, or a tractogram over a '
+                                            "subject's reference streamlines (--tractogram), to a PNG (FURY 2, "
                                             'offscreen), in RAS+ mm, with its title and colour key burned in.')
     p.add_argument('hdf5_file', help='dwi_ml-layout HDF5 file')
     p.add_argument('streamline_group', help='streamline group to sample')
@@ -1417,7 +1633,10 @@ def _visualize_batch(argv=None):
                    help="colouring of the streamlines (augmentation, noise: read from the sampler's record)")
     p.add_argument('--feature', type=number_in_range(int, 0, 10**6), default=0,
                    help='input column for --color_by feature')
-    p.add_argument('--subject', help='show only this subject id; none: all subjects of the batch')
+    p.add_argument('--subject', help='show only this subject id; none: all subjects of the batch (with --tractogram: '
+                                     'the subject it was tracked in)')
+    p.add_argument('--tractogram', help='instead of a batch: this .trk/.tck/.trx file of --subject, coloured by assigned '
+                                        'bundle, over its reference streamline_group (thin, faded)')
     p.add_argument('--slice', choices=('x', 'y', 'z'), help='draw a slice of --slice_group along this voxel axis; '
                                                             'none: no slice')
     p.add_argument('--slice_group', help='volume group of the slice; none: --input_group, else the first volume group')
@@ -1443,6 +1662,16 @@ def _visualize_batch(argv=None):
     dataset = MultiSubjectDataset(args.hdf5_file).load_data(progress=False)
     if args.slice and not (args.slice_group or args.input_group or dataset.volume_groups):
         raise ConfigError('--slice needs a volume group (--slice_group) and this file has none', file=args.hdf5_file)
+    if args.tractogram is not None:
+        if args.subject is None:
+            raise ConfigError('--tractogram needs --subject: the subject it was tracked in', file=args.tractogram)
+        render_overlay_png(args.tractogram, dataset, args.subject, args.save, size=args.size, azimuth=args.azimuth,
+                           elevation=args.elevation, zoom=args.zoom, drawing=args.drawing,
+                           annotated=not args.no_annotation, reference_group=args.streamline_group,
+                           name=Path(args.tractogram).name, slice_axis=args.slice, slice_group=args.slice_group,
+                           slice_index=args.slice_index)
+        print(args.save)
+        return 0
     subset = getattr(dataset, f'{args.subset}_set')
     if len(subset) == 0:
         raise DataError(f'the {args.subset} set has no subjects', file=args.hdf5_file)

@@ -29,10 +29,8 @@ from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.sampler import BatchIDSampler, BatchStreamlinesSamplerOneInput, plan_epoch, shard_plan
 from dwiml_nb.trainer import TIMING_COLUMNS, experiment_paths, load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import NextStepModel, NextStepTrainer  # noqa: E402
+from dwiml_nb.testing import NextStepModel, NextStepTrainer  # noqa: E402
 
-TESTS_DIR = Path(__file__).parent
 TORCHRUN = Path(sys.executable).parent / 'torchrun'
 SAMPLER = dict(batch_size=20, seed=7, step_size=1.0, noise_gaussian_size=0.1, reverse_ratio=0.5)
 TRAINING_BATCHES, VALIDATION_BATCHES = 7, 3   # odd: the last global batch is re-dealt between the 2 ranks
@@ -43,8 +41,7 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     import torch
-    sys.path.insert(0, {tests_dir!r})
-    from trainer_test_utils import NextStepModel, NextStepTrainer
+    from dwiml_nb.testing import NextStepModel, NextStepTrainer
     from dwiml_nb.dataset import MultiSubjectDataset
     from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
 
@@ -105,7 +102,7 @@ def phantom(tmp_path_factory):
 
 def torchrun(tmp_path, hdf5, exp, name, mode, *, stop_at=None, nproc=2):
     script = tmp_path / 'ddp_train.py'
-    script.write_text(SCRIPT.format(tests_dir=str(TESTS_DIR), sampler=SAMPLER, nb_train=TRAINING_BATCHES,
+    script.write_text(SCRIPT.format(sampler=SAMPLER, nb_train=TRAINING_BATCHES,
                                     nb_valid=VALIDATION_BATCHES, trainer=TRAINER))
     record = tmp_path / 'records' / name
     record.mkdir(parents=True, exist_ok=True)

@@ -162,3 +162,72 @@ def test_tubes_and_lines_both_draw(truth_and_sampler, can_render):
     assert drawn(lines) > 0.02 and drawn(tubes) > 0.02 and (lines != tubes).any()
     with pytest.raises(viz_batch.ConfigError, match='drawing'):
         render_view(view, size=(20, 20), drawing='ribbons')
+
+
+# --- any tractogram over a subject's reference (overlay) ---
+
+@pytest.fixture(scope='module')
+def phantom_tracked(tmp_path_factory):
+    "A demo phantom and a 'tracked' .trk of a validation subject: two of its three bundles, from its reference."
+    from dwiml_nb.data import make_demo_dataset
+    from dwiml_nb.tracking import TrackingResult, save_tractogram
+    root = tmp_path_factory.mktemp('overlay')
+    hdf5 = make_demo_dataset(root / 'demo', which='phantom', nb_subjects=3, progress=False).hdf5_files['phantom']
+    dataset = MultiSubjectDataset(hdf5).load_data(progress=False)
+    subset, subject = dataset.validation_set, dataset.validation_set.subjects[0]
+    info = subset.get_streamline_info(0, 'streamlines')
+    ids = viz_batch.reference_bundles(subset, 0)
+    kept = np.flatnonzero(ids != ids.max())
+    tracked = subset.get_streamlines(0, 'streamlines', kept)
+    trk = save_tractogram(TrackingResult(tracked, info.affine, tuple(int(n) for n in info.dimensions), {}),
+                          root / 'tracked.trk')
+    return hdf5, dataset, subject, trk, ids
+
+
+def _pixels_of(image, rgb, tolerance=6):
+    return (np.abs(image[..., :3].astype(int) - np.round(np.asarray(rgb) * 255).astype(int)).max(-1) <= tolerance).sum()
+
+
+def test_overlay_colours_each_tracked_streamline_by_its_bundle_over_the_faded_reference(phantom_tracked, can_render,
+                                                                                        tmp_path):
+    hdf5, dataset, subject, trk, ids = phantom_tracked
+    png = tmp_path / 'overlay.png'
+    image = viz_batch.render_overlay_png(trk, hdf5, subject, png, size=(320, 320), annotated=False)
+    assert png.is_file() and image.shape == (320, 320, 4)
+    palette = viz_batch.categorical_palette(int(ids.max()) + 1)
+    for bundle in np.unique(ids)[:-1]:                       # the tracked bundles, in their colours
+        assert _pixels_of(image, palette[bundle]) > 30, bundle
+    assert _pixels_of(image, palette[ids.max()]) == 0        # the untracked bundle: only its faded reference
+    faded = palette[ids.max()] * (1 - viz_batch.REFERENCE_FADE) + viz_batch.REFERENCE_FADE
+    assert _pixels_of(image, faded, tolerance=10) > 10
+    # labels given: -1 is 'no bundle', drawn dark grey, and the key says so
+    view = viz_batch.overlay_view(trk, dataset, subject, labels=np.full((ids != ids.max()).sum(), -1))
+    assert view.legend.items[-1][0].startswith('no bundle') and 'labels given' in view.legend.note
+    assert _pixels_of(render_view(view, size=(320, 320)), viz_batch.NO_BUNDLE_COLOR) > 30
+
+
+def test_overlay_world_space_matches_the_batches(phantom_tracked):
+    hdf5, dataset, subject, trk, ids = phantom_tracked
+    subset = dataset.validation_set
+    info = subset.get_streamline_info(0, 'streamlines')
+    view = viz_batch.overlay_view(trk, dataset, subject, name='tracked.trk', slice_axis='y', slice_group='wm_mask')
+    stored = subset.get_streamlines(0, 'streamlines', np.flatnonzero(ids != ids.max()))
+    np.testing.assert_allclose(view.streamlines.data, voxel_to_world(stored.data, info.affine), atol=1e-3)
+    assert len(view.underlay) == len(ids) and view.slice_group == 'wm_mask' and 'tracked.trk' in view.title
+    counts = [label for label, _ in view.legend.items]
+    assert all(' tracked / ' in label for label in counts) and not any(l.startswith('no bundle') for l in counts)
+
+
+def test_visualize_batch_draws_a_tractogram_over_its_subject(phantom_tracked, can_render, tmp_path, capsys):
+    hdf5, dataset, subject, trk, ids = phantom_tracked
+    with pytest.raises(SystemExit) as exc:
+        viz_batch.visualize_batch_main([str(hdf5), 'streamlines', '--tractogram', str(trk), '--save',
+                                        str(tmp_path / 'x.png')])
+    assert exc.value.code == 2 and '--tractogram needs --subject' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        viz_batch.visualize_batch_main([str(hdf5), 'streamlines', '--tractogram', str(trk), '--subject', subject,
+                                        '--size', '200', '200', '--save', str(tmp_path / 'overlay.png')])
+    assert exc.value.code == 0
+    from PIL import Image
+    saved = np.asarray(Image.open(tmp_path / 'overlay.png'))
+    assert saved.shape[1] == 200 and saved.shape[0] > 240                  # title and key bands
