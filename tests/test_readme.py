@@ -51,6 +51,7 @@ STEPS = {
     ('python', 'from dwiml_nb.trackers import'): 'test_quick_tour_trains_and_resumes',
     ('bash', 'torchrun --standalone'): 'test_torchrun_command',
     ('', '$ dwiml_create_hdf5_dataset db/'): 'test_the_error_shown_is_the_real_one',
+    ('bash', '# The dipy demo'): 'tests/test_tracking_demo.py',   # runs that block itself (slow)
 }
 
 
