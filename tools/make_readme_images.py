@@ -11,16 +11,27 @@ Needs Mesa's Vulkan driver and Debian's chromium (tools/run.sh setup installs bo
 on 2 cores.
 """
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tests' / 'frontend'))
 
-from jupyter_ui import (ANY_PLOT, INSPECTOR_CANVAS, Browser, JupyterServer, NotebookPage,  # noqa: E402
-                        coloured_pixels, notebook_with_parameters)
+
+def _load_jupyter_ui():
+    "The front-end tests' harness (tests/frontend/jupyter_ui.py), loaded from its file."
+    spec = importlib.util.spec_from_file_location('jupyter_ui', REPO / 'tests' / 'frontend' / 'jupyter_ui.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['jupyter_ui'] = module   # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_ui = _load_jupyter_ui()
+ANY_PLOT, INSPECTOR_CANVAS, Browser, JupyterServer = _ui.ANY_PLOT, _ui.INSPECTOR_CANVAS, _ui.Browser, _ui.JupyterServer
+NotebookPage, coloured_pixels, notebook_with_parameters = _ui.NotebookPage, _ui.coloured_pixels, _ui.notebook_with_parameters
 
 
 def main(argv=None):

@@ -7,13 +7,12 @@ fixtures). Screenshots of the open pages of a failed test go to build/frontend-a
 ($DWIML_FRONTEND_ARTIFACTS).
 """
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jupyter_ui import Browser, JupyterServer, save_screenshots   # noqa: E402
+# pytest puts this folder (it has no __init__.py) on the import path before loading this file.
+from jupyter_ui import Browser, JupyterServer, save_screenshots
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +20,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.frontend)
+            item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.xdist_group('frontend'))
 
 
