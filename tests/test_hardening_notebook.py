@@ -1,15 +1,12 @@
 """The training notebook's parameters are type-checked in its first cell after the parameters: papermill's
 `-p overwrite false` (the text 'false', which Python takes as true) fails at once and deletes nothing."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-TESTS_DIR = Path(__file__).parent
-REPO = TESTS_DIR.parent
-sys.path.insert(0, str(TESTS_DIR))
-from trainer_test_utils import make_toy_trainer  # noqa: E402
+REPO = Path(__file__).parent.parent
+from dwiml_nb.testing import make_toy_trainer  # noqa: E402
 
 
 def _run(tmp_path, **parameters):
