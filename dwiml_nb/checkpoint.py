@@ -31,14 +31,14 @@ __all__ = ['logger', 'CHECKPOINT_FORMAT', 'get_rng_states', 'set_rng_states', 's
 
 # %% ../nbs/07c_checkpoint.ipynb
 def get_rng_states():
-    "torch, numpy, Python `random` (and, when CUDA is available, every GPU's) global states, weights_only-safe."
+    "torch, numpy, Python `random` (and, once CUDA is initialised, every GPU's) global states, weights_only-safe."
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     states = {'torch': torch.get_rng_state(),
               'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
                         'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)},
               'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next}}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():   # never start CUDA just to read its states
         states['cuda'] = list(torch.cuda.get_rng_state_all())
     return states
 

@@ -56,6 +56,8 @@ def experiment_paths(experiments_path, experiment_name):
             'parameters': root / 'checkpoint' / 'parameters.json',
             'best_model': root / 'best_model' / 'model_state.pt',
             'last_model': root / 'last_model' / 'model_state.pt',
+            'best_model_ema': root / 'best_model' / 'ema_model_state.pt',
+            'last_model_ema': root / 'last_model' / 'ema_model_state.pt',
             'logs': root / 'logs', 'batches_csv': root / 'logs' / 'batches.csv',
             'epochs_csv': root / 'logs' / 'epochs.csv'}
 

@@ -5,6 +5,7 @@
 # %% ../nbs/07_trainer.ipynb 2
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
 import inspect
@@ -31,6 +32,7 @@ from .core import (CheckpointError, ConfigError, DwimlError, atomic_write, cli_p
                            positive_int, progress_bar, run_cli, setup_logging)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
 from .experiment import ExperimentLock, _lock_experiment, check_no_symlinks, experiment_paths
+from .schedules import check_schedule_spec, make_scheduler
 from .training_logs import BATCH_COLUMNS, EPOCH_ARRAYS, EPOCH_COLUMNS, TIMING_COLUMNS, CsvLog, NullLog
 # Re-exported only (scripts and tests import them from here):
 from .checkpoint import check_checkpoint_digest, checkpoint_content_problem, loaded_subclasses  # noqa: F401
@@ -48,11 +50,11 @@ _all_ = ['BATCH_COLUMNS', 'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA
          'sampler_spec', 'source_fingerprints', 'relocate_hdf5', 'check_same_hdf5']
 
 # %% auto 0
-__all__ = ['logger', 'OPTIMIZERS', 'TRAINER_SETTINGS', 'NonFiniteLossError', 'usable_cores', 'default_torch_threads',
-           'choose_torch_threads', 'check_samplers_have_batches', 'check_trainer_settings', 'check_resume_has_work',
-           'DWIMLAbstractTrainer', 'import_user_modules', 'resume_experiment', 'resume_main', 'BATCH_COLUMNS',
-           'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA', 'TIMING_COLUMNS', 'EPOCH_ARRAYS', 'LogColumn',
-           'CsvLog', 'NullLog', 'WRITTEN_FOLDERS', 'check_experiment_name', 'check_experiments_path',
+__all__ = ['logger', 'OPTIMIZERS', 'TRAINER_SETTINGS', 'PRECISIONS', 'NonFiniteLossError', 'usable_cores',
+           'default_torch_threads', 'choose_torch_threads', 'check_samplers_have_batches', 'check_trainer_settings',
+           'check_resume_has_work', 'DWIMLAbstractTrainer', 'import_user_modules', 'resume_experiment', 'resume_main',
+           'BATCH_COLUMNS', 'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA', 'TIMING_COLUMNS', 'EPOCH_ARRAYS',
+           'LogColumn', 'CsvLog', 'NullLog', 'WRITTEN_FOLDERS', 'check_experiment_name', 'check_experiments_path',
            'experiment_paths', 'ExperimentLock', 'check_no_symlinks', 'CHECKPOINT_FORMAT', 'get_rng_states',
            'set_rng_states', 'seed_everything', 'class_path', 'loaded_subclasses', 'resolve_class', 'load_checkpoint',
            'checkpoint_content_problem', 'check_model_state', 'checkpoint_digest', 'check_checkpoint_digest',
@@ -180,7 +182,9 @@ class DWIMLAbstractTrainer:
     optimizer : {'Adam', 'AdamW', 'RAdam', 'SGD'}
     learning_rate, weight_decay : float
     lr_scheduler : dict or None
-        ``{'name': <class in torch.optim.lr_scheduler>, **kwargs}``, stepped once per epoch.
+        ``{'name': ..., **kwargs}``: see `dwiml_nb.schedules` (warm-up + cosine, one-cycle, torch's).
+    schedule_unit, grad_accumulation, precision, ema_decay
+        'epoch', 1, 'fp32', None (today's training): see `_setup_step_options`.
     max_epochs : int
     max_batches_per_epoch_training, max_batches_per_epoch_validation : int or None
         At most that many batches per epoch (None: the sampler's whole epoch).
@@ -219,7 +223,8 @@ class DWIMLAbstractTrainer:
                  lr_scheduler=None, max_epochs=10, max_batches_per_epoch_training=None,
                  max_batches_per_epoch_validation=None, patience=None, patience_delta=1e-6, clip_grad=None,
                  num_workers=0, device='cpu', seed=1234, callbacks=(), checkpoint_every_n_batches=None,
-                 overwrite=False, progress=True, num_threads=None):
+                 overwrite=False, progress=True, num_threads=None, schedule_unit='epoch', grad_accumulation=1,
+                 precision='fp32', ema_decay=None):
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer '{optimizer}' is not one of {', '.join(OPTIMIZERS)}")
         check_trainer_settings(dict(
@@ -251,13 +256,12 @@ class DWIMLAbstractTrainer:
         self.patience, self.patience_delta, self.clip_grad = patience, float(patience_delta), clip_grad
         self.num_workers, self.device, self.seed = int(num_workers), torch.device(device), int(seed)
         self.checkpoint_every_n_batches = checkpoint_every_n_batches
-        self.callbacks, self.progress = list(callbacks), progress
-        self.num_threads = None if num_threads is None else int(num_threads)
+        self.callbacks, self.progress, self.num_threads = list(callbacks), progress, num_threads and int(num_threads)
         choose_torch_threads(self.num_threads, self.num_workers)   # refuses a bad value now, not after loading
         self.elapsed_s = 0.0       # seconds of training and validation so far, over every run of the experiment
         self.optimizer = OPTIMIZERS[optimizer](self.unwrapped_model.parameters(), lr=self.learning_rate,
                                                weight_decay=self.weight_decay)
-        self.lr_scheduler = self._make_scheduler()
+        self._setup_step_options(schedule_unit, grad_accumulation, precision, ema_decay)   # + the scheduler
         # Where training stands: the next epoch to run and the training batches of it already done.
         self.epoch, self.batches_done = 0, 0
         self.best_valid_loss, self.best_epoch, self.patience_count = math.inf, -1, 0
@@ -330,24 +334,109 @@ def get_params(self: DWIMLAbstractTrainer):
             'max_batches_per_epoch_validation': self.max_batches_per_epoch_validation,
             'patience': self.patience, 'patience_delta': self.patience_delta, 'clip_grad': self.clip_grad,
             'num_workers': self.num_workers, 'device': str(self.device), 'seed': self.seed,
-            'checkpoint_every_n_batches': self.checkpoint_every_n_batches, 'num_threads': self.num_threads}
-
-
-@patch
-def _make_scheduler(self: DWIMLAbstractTrainer):
-    if not self.lr_scheduler_spec: return None
-    spec = dict(self.lr_scheduler_spec)
-    name = spec.pop('name', None)
-    cls = getattr(torch.optim.lr_scheduler, str(name), None)
-    if not inspect.isclass(cls):
-        raise ConfigError(f"lr_scheduler name '{name}' is not a class of torch.optim.lr_scheduler")
-    return cls(self.optimizer, **spec)
+            'checkpoint_every_n_batches': self.checkpoint_every_n_batches, 'num_threads': self.num_threads,
+            **self._step_option_params()}
 
 
 @patch(as_prop=True)
 def is_main_process(self: DWIMLAbstractTrainer):
     "True on rank 0 (the only process that writes files), and in a single process."
     return self.distributed.is_main_process
+
+# %% ../nbs/07_trainer.ipynb
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+@patch
+def _setup_step_options(self: DWIMLAbstractTrainer, schedule_unit='epoch', grad_accumulation=1, precision='fp32',
+                        ema_decay=None):
+    """Check and set the schedule unit, gradient accumulation, precision and EMA; build the scheduler.
+
+    Parameters
+    ----------
+    schedule_unit : {'epoch', 'step'}
+        Step the scheduler at the end of every epoch, or after every optimizer step.
+    grad_accumulation : int
+        Training batches per optimizer step (1: every batch).
+    precision : {'fp32', 'bf16', 'fp16'}
+        Autocast dtype of the forward passes (training and validation); fp16 only on CUDA.
+    ema_decay : float or None
+        Decay of an exponential moving average of the weights (None: none).
+    """
+    if isinstance(grad_accumulation, bool) or not isinstance(grad_accumulation, (int, np.integer)) \
+            or grad_accumulation < 1:
+        raise ConfigError(f'grad_accumulation must be an integer >= 1, got {grad_accumulation!r}')
+    check_schedule_spec(None, schedule_unit)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == 'fp16' and self.device.type != 'cuda':
+        raise ConfigError(f"precision='fp16' needs a CUDA device (a gradient scaler on the GPU), the trainer's "
+                          f"device is {self.device}: use precision='bf16' on the CPU")
+    if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float))
+                                  or not 0 < ema_decay < 1):
+        raise ConfigError(f'ema_decay must be a number between 0 and 1 (excluded) or None, got {ema_decay!r}')
+    self.schedule_unit, self.grad_accumulation = schedule_unit, int(grad_accumulation)
+    self.precision, self.ema_decay = precision, None if ema_decay is None else float(ema_decay)
+    self._scaler = torch.amp.GradScaler('cuda') if precision == 'fp16' else None
+    self._ema = None
+    if self.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self._ema = AveragedModel(self.unwrapped_model, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
+                                  use_buffers=True)
+    self._accumulated, self._group_weight, self._checkpoint_due = 0, 0.0, False
+    self.lr_scheduler = self._make_scheduler()
+
+
+@patch
+def _step_option_params(self: DWIMLAbstractTrainer):
+    "The options above, as `get_params` stores them."
+    return {'schedule_unit': self.schedule_unit, 'grad_accumulation': self.grad_accumulation,
+            'precision': self.precision, 'ema_decay': self.ema_decay}
+
+
+@patch
+def _optimizer_steps_per_epoch(self: DWIMLAbstractTrainer):
+    "Optimizer steps of one training epoch (of this process's plan, at epoch 0)."
+    sampler, limit = self.batch_sampler_training, self.max_batches_per_epoch_training
+    n = len(sampler) if limit is None else min(len(sampler), int(limit))
+    return -(-n // self.grad_accumulation)
+
+
+@patch
+def _make_scheduler(self: DWIMLAbstractTrainer):
+    "The scheduler of `lr_scheduler_spec` (`dwiml_nb.schedules.make_scheduler`); fills in a warm-up's total."
+    if not self.lr_scheduler_spec: return None
+    per_epoch = self._optimizer_steps_per_epoch() if self.schedule_unit == 'step' else 1
+    return make_scheduler(self.optimizer, self.lr_scheduler_spec, schedule_unit=self.schedule_unit,
+                          steps_per_unit_total=self.max_epochs * per_epoch)
+
+
+@patch
+def _autocast(self: DWIMLAbstractTrainer):
+    "The context of a forward pass: `torch.autocast` on the trainer's device, or nothing in fp32."
+    if self.precision == 'fp32': return contextlib.nullcontext()
+    return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+
+@patch
+@contextlib.contextmanager
+def _ema_weights(self: DWIMLAbstractTrainer):
+    "Within it, the model holds the EMA weights (validation uses them); the trained weights come back after."
+    if self._ema is None:
+        yield; return
+    trained = {k: v.detach().clone() for k, v in self.unwrapped_model.state_dict().items()}
+    self.unwrapped_model.load_state_dict(self._ema.module.state_dict())
+    try:
+        yield
+    finally:
+        self.unwrapped_model.load_state_dict(trained)
+
+# %% ../nbs/07_trainer.ipynb
+@patch
+def lr_find(self: DWIMLAbstractTrainer, start_lr=1e-7, end_lr=10.0, nb_batches=100, **kwargs):
+    "Exponential learning-rate sweep on training batches: a `dwiml_nb.lr_find.LRFinderResult` (shows as a figure)."
+    from dwiml_nb.lr_find import lr_find
+    return lr_find(self, start_lr, end_lr, nb_batches, **kwargs)
 
 # %% ../nbs/07_trainer.ipynb
 @patch
@@ -416,6 +505,7 @@ def _train_one_epoch(self: DWIMLAbstractTrainer):
         self._accumulators = self._new_accumulators()
     else:   # resuming in the middle of the epoch; RNG states came from the checkpoint
         n_batches = self._start_sampler_epoch(sampler, epoch, self.batches_done, self._resume_sampler_state)
+    self._epoch_batches, self._accumulated, self._group_weight, self._checkpoint_due = n_batches, 0, 0.0, False
     self.model.train()
     bar = progress_bar(total=n_batches, initial=self.batches_done, desc=f'epoch {epoch} training', leave=False,
                disable=not self._show_progress)
@@ -437,9 +527,12 @@ def _train_one_epoch(self: DWIMLAbstractTrainer):
             self._accumulators['time_s'] += record['time_s']
             self._batch_log.append(record)
             bar.update(); bar.set_postfix(loss=f"{record['loss']:.4g}")
-            if (self.checkpoint_every_n_batches and self.batches_done < n_batches
-                    and self.batches_done % self.checkpoint_every_n_batches == 0):
-                self.save_checkpoint()
+            if self.checkpoint_every_n_batches and self.batches_done < n_batches:
+                # Due every n batches, written at the next optimizer step (no gradient half accumulated).
+                self._checkpoint_due |= self.batches_done % self.checkpoint_every_n_batches == 0
+                if self._checkpoint_due and self._accumulated == 0:
+                    self._checkpoint_due = False
+                    self.save_checkpoint()
             self._call('on_batch_end', record)
             if self.batches_done >= n_batches: break
     finally:
@@ -449,27 +542,53 @@ def _train_one_epoch(self: DWIMLAbstractTrainer):
 @patch
 def _train_batch(self: DWIMLAbstractTrainer, data):
     data = data.to(self.device) if hasattr(data, 'to') else data
-    self.optimizer.zero_grad(set_to_none=True)
-    loss, weight = self._loss_and_weight(self.compute_batch_loss(data, True), data)
-    value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss.detach()), weight, len(data))
+    if self._accumulated == 0: self.optimizer.zero_grad(set_to_none=True)
+    with self._autocast():
+        loss, local_weight = self._loss_and_weight(self.compute_batch_loss(data, True), data)
+    value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss.detach()), local_weight, len(data))
     self._check_finite(value, 'training', data.step)
-    loss.backward()
-    grads = [p.grad for p in self.unwrapped_model.parameters() if p.grad is not None]
-    if self.clip_grad:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.unwrapped_model.parameters() if p.grad is not None], self.clip_grad))
-        grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
-    else:
-        grad_norm = grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
+    scaled = loss if self.grad_accumulation == 1 else loss * local_weight
+    (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
+    self._accumulated += 1; self._group_weight += weight
     learning_rate = float(self.optimizer.param_groups[0]['lr'])
-    self.optimizer.step()
     acc = self._accumulators
+    stepping = self._accumulated == self.grad_accumulation or data.step + 1 >= self._epoch_batches
+    grad_norm = grad_norm_clipped = None
+    if stepping:
+        grad_norm, grad_norm_clipped = self._optimizer_step()
+        acc['grad_norm_sum'] += grad_norm; acc['grad_norm_clipped_sum'] += grad_norm_clipped
+        acc['nb_optimizer_steps'] += 1
     acc['loss_sum'] += weighted; acc['weight_sum'] += weight
-    acc['grad_norm_sum'] += grad_norm; acc['grad_norm_clipped_sum'] += grad_norm_clipped
     acc['nb_batches'] += 1; acc['nb_streamlines'] += nb_streamlines
     return {'epoch': self.epoch, 'batch': data.step, 'phase': 'train', 'loss': value,
             'weight': weight, 'nb_streamlines': nb_streamlines, 'grad_norm': grad_norm,
-            'grad_norm_clipped': grad_norm_clipped, 'learning_rate': learning_rate}
+            'grad_norm_clipped': grad_norm_clipped, 'learning_rate': learning_rate, 'optimizer_step': int(stepping)}
+
+
+@patch
+def _optimizer_step(self: DWIMLAbstractTrainer):
+    """Unscale, average the accumulated gradient, clip, step; then the step-wise schedule and the EMA.
+
+    Returns the gradient's total norm before and after clipping.
+    """
+    params = [p for p in self.unwrapped_model.parameters() if p.grad is not None]
+    if self._scaler is not None: self._scaler.unscale_(self.optimizer)
+    if self.grad_accumulation > 1:
+        for p in params: p.grad.div_(self._group_weight / self.distributed.world_size)
+    grads = [p.grad for p in params]
+    if self.clip_grad:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad))
+        grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
+    else:
+        grad_norm = grad_norm_clipped = float(torch.nn.utils.get_total_norm(grads))
+    if self._scaler is None:
+        self.optimizer.step()
+    else:   # skips the step when the float16 gradient overflowed, and adapts its scale
+        self._scaler.step(self.optimizer); self._scaler.update()
+    self._accumulated, self._group_weight = 0, 0.0
+    if self.lr_scheduler is not None and self.schedule_unit == 'step': self.lr_scheduler.step()
+    if self._ema is not None: self._ema.update_parameters(self.unwrapped_model)
+    return grad_norm, grad_norm_clipped
 
 
 @patch
@@ -493,7 +612,7 @@ def _rank_entropy(self: DWIMLAbstractTrainer):
 @patch
 def _new_accumulators(self: DWIMLAbstractTrainer):
     return {'loss_sum': 0.0, 'weight_sum': 0.0, 'grad_norm_sum': 0.0, 'grad_norm_clipped_sum': 0.0,
-            'nb_batches': 0, 'nb_streamlines': 0, 'time_s': 0.0}
+            'nb_batches': 0, 'nb_streamlines': 0, 'time_s': 0.0, 'nb_optimizer_steps': 0}
 
 # %% ../nbs/07_trainer.ipynb
 @patch
@@ -511,7 +630,8 @@ def _validate_one_epoch(self: DWIMLAbstractTrainer):
             for i, data in enumerate(self._make_loader(sampler, epoch, 'valid')):
                 if i >= n_batches: break
                 data = data.to(self.device) if hasattr(data, 'to') else data
-                loss, weight = self._loss_and_weight(self.compute_batch_loss(data, False), data)
+                with self._autocast():
+                    loss, weight = self._loss_and_weight(self.compute_batch_loss(data, False), data)
                 value, weighted, weight, nb_streamlines = self._reduce_loss(float(loss), weight, len(data))
                 self._check_finite(value, 'validation', data.step)
                 loss_sum += weighted; weight_sum += weight
@@ -542,7 +662,7 @@ def _end_epoch(self: DWIMLAbstractTrainer, valid_loss):
     if criterion < self.best_valid_loss:
         self.best_valid_loss, self.best_epoch = float(criterion), epoch
         self._save_model_state(self.paths['best_model'])
-    nb = max(acc['nb_batches'], 1)
+    nb = max(acc['nb_optimizer_steps'], 1)
     record = {'epoch': epoch, 'train_loss': train_loss,
               'valid_loss': math.nan if valid_loss is None else float(valid_loss),
               'grad_norm': acc['grad_norm_sum'] / nb, 'grad_norm_clipped': acc['grad_norm_clipped_sum'] / nb,
@@ -550,7 +670,7 @@ def _end_epoch(self: DWIMLAbstractTrainer, valid_loss):
               'best_valid_loss': self.best_valid_loss, 'best_epoch': self.best_epoch,
               'patience_count': self.patience_count, 'time_s': acc['time_s'],
               'streamlines_per_s': acc['nb_streamlines'] / max(acc['time_s'], 1e-12), 'elapsed_s': self.elapsed_s}
-    if self.lr_scheduler is not None:
+    if self.lr_scheduler is not None and self.schedule_unit == 'epoch':
         if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.lr_scheduler.step(criterion)
         else:
@@ -570,9 +690,13 @@ def _end_epoch(self: DWIMLAbstractTrainer, valid_loss):
 
 @patch
 def _save_model_state(self: DWIMLAbstractTrainer, path):
+    "Write the model's state_dict to `path` (and, with an EMA, the EMA weights' next to it)."
     if not self.is_main_process: return
     with atomic_write(path) as tmp:
         torch.save(self.unwrapped_model.state_dict(), tmp)
+    if self._ema is not None:
+        with atomic_write(path.with_name('ema_model_state.pt')) as tmp:
+            torch.save(self._ema.module.state_dict(), tmp)
 
 
 @patch
@@ -629,7 +753,7 @@ def _train_and_validate(self: DWIMLAbstractTrainer):
         self._call('on_train_begin'); began = True
         while self.epoch < self.max_epochs and not self._patience_exhausted():
             self._train_one_epoch()
-            valid_loss = self._validate_one_epoch()
+            with self._ema_weights(): valid_loss = self._validate_one_epoch()
             self._end_epoch(valid_loss)
             epochs_bar.update()
         if self._patience_exhausted() and self.is_main_process:
@@ -665,7 +789,7 @@ def checkpoint_dict(self: DWIMLAbstractTrainer):
 
     Keys: format, dwiml_nb_version, trainer_class, model_class, model_params, trainer_params,
     samplers (class/params/source of each), hdf5_file, sampler_states, model_state,
-    optimizer_state, scheduler_state, rng_states, position (epoch, batches_done),
+    optimizer_state, scheduler_state, scaler_state, ema_state, rng_states, position (epoch, batches_done),
     epoch_accumulators, best_valid_loss, best_epoch, patience_count, history, log_sizes,
     world_size, rng_states_per_rank, elapsed_s. Under torch.distributed every rank must call it (it gathers
     the RNG states of all ranks).
@@ -686,6 +810,8 @@ def checkpoint_dict(self: DWIMLAbstractTrainer):
             'sampler_states': {'training': _json_safe(state)},
             'model_state': model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
             'scheduler_state': self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            'scaler_state': self._scaler.state_dict() if self._scaler is not None else None,
+            'ema_state': self._ema.state_dict() if self._ema is not None else None,
             'rng_states': rng_states, 'world_size': self.distributed.world_size,
             'rng_states_per_rank': all_gather_objects(rng_states),
             'position': {'epoch': self.epoch, 'batches_done': self.batches_done},
@@ -789,6 +915,10 @@ def _restore(self: DWIMLAbstractTrainer, ckpt, path):
         if (self.lr_scheduler is None) != (ckpt['scheduler_state'] is None):
             raise ValueError('the checkpoint has a learning-rate scheduler state and the trainer none, or vice versa')
         if self.lr_scheduler is not None: self.lr_scheduler.load_state_dict(ckpt['scheduler_state'])
+        for name, obj in (('scaler', self._scaler), ('ema', self._ema)):   # (older checkpoints have neither)
+            if (obj is None) != (ckpt.get(f'{name}_state') is None):
+                raise ValueError(f'the checkpoint has a {name} state and the trainer none, or vice versa')
+            if obj is not None: obj.load_state_dict(ckpt[f'{name}_state'])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f'optimizer or scheduler state does not fit ({e})', file=path) from None
     for p, state in self.optimizer.state.items():
@@ -797,7 +927,9 @@ def _restore(self: DWIMLAbstractTrainer, ckpt, path):
                 raise CheckpointError(f"optimizer state '{key}' has shape {tuple(value.shape)} for a parameter "
                                       f'of shape {tuple(p.shape)}: the checkpoint is damaged or was edited', file=path)
     self.epoch, self.batches_done = ckpt['position']['epoch'], ckpt['position']['batches_done']
-    self._accumulators = dict(ckpt['epoch_accumulators'])
+    # (Older checkpoints count no optimizer steps: they stepped at every batch.)
+    self._accumulators = {'nb_optimizer_steps': ckpt['epoch_accumulators'].get('nb_batches', 0),
+                          **ckpt['epoch_accumulators']}
     self.best_valid_loss, self.best_epoch = ckpt['best_valid_loss'], ckpt['best_epoch']
     self.patience_count, self.history = ckpt['patience_count'], [dict(r) for r in ckpt['history']]
     self._log_sizes = dict(ckpt['log_sizes'])

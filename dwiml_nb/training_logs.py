@@ -39,19 +39,20 @@ BATCH_LOG_SCHEMA = _schema(
     ('loss', "the batch's loss (mean over all processes)", 'loss unit'),
     ('weight', "the batch's weight in the epoch's mean loss (by default its number of streamlines)"),
     ('nb_streamlines', 'streamlines in the batch (all processes)', 'streamlines'),
-    ('grad_norm', "total L2 norm of the gradient before clipping (empty for 'valid')"),
+    ('grad_norm', "total L2 norm of the gradient before clipping (empty for 'valid' and between optimizer steps)"),
     ('grad_norm_clipped', 'total L2 norm of the gradient after clipping (= grad_norm without clip_grad)'),
     ('learning_rate', "the optimizer's learning rate for this step (empty for 'valid')"),
     ('time_s', 'time the batch took: loading, forward, backward, step', 's'),
     ('streamlines_per_s', 'nb_streamlines / time_s', 'streamlines/s'),
-    ('elapsed_s', 'training and validation time since the experiment began (over resumes)', 's'))
+    ('elapsed_s', 'training and validation time since the experiment began (over resumes)', 's'),
+    ('optimizer_step', "1 when the optimizer stepped after this batch, 0 while gradients accumulate (empty for 'valid')"))
 
 EPOCH_LOG_SCHEMA = _schema(
     ('epoch', 'the epoch, from 0'),
     ('train_loss', "weighted mean of the epoch's training losses", 'loss unit'),
     ('valid_loss', "weighted mean of the epoch's validation losses (NaN without validation)", 'loss unit'),
-    ('grad_norm', "mean over the epoch's training batches of grad_norm"),
-    ('grad_norm_clipped', "mean over the epoch's training batches of grad_norm_clipped"),
+    ('grad_norm', "mean over the epoch's optimizer steps of grad_norm"),
+    ('grad_norm_clipped', "mean over the epoch's optimizer steps of grad_norm_clipped"),
     ('learning_rate', 'learning rate at the end of the epoch (before the scheduler steps)'),
     ('nb_streamlines', 'training streamlines of the epoch (all processes)', 'streamlines'),
     ('best_valid_loss', 'lowest valid_loss so far (train_loss without validation)', 'loss unit'),

@@ -24,6 +24,8 @@ import pandas as pd
 from .core import (DataError, DwimlError, atomic_write, check_output_file, cli_parser, in_jupyter_kernel, number_in_range, run_cli,
                            setup_logging)
 
+from .training_logs import BATCH_LOG_SCHEMA, BATCH_METRICS, EPOCH_LOG_SCHEMA, TIMING_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 # %% auto 0
@@ -36,10 +38,11 @@ __all__ = ['logger', 'BATCH_LOG_COLUMNS', 'EPOCH_LOG_COLUMNS', 'TIME_LOG_COLUMNS
            'export_notebook_html']
 
 # %% ../nbs/11_viz_training.ipynb
-BATCH_LOG_COLUMNS = ('epoch', 'batch', 'phase', 'loss', 'grad_norm', 'grad_norm_clipped', 'learning_rate',
-                     'streamlines_per_s')
-EPOCH_LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss')
-TIME_LOG_COLUMNS = ('elapsed_s', 'time_s')   # optional; numbers when present
+# The columns come from the one log schema (`dwiml_nb.training_logs`): what trackers chart per
+# batch (the learning rate included), the epoch losses, and the timing columns in seconds.
+BATCH_LOG_COLUMNS = ('epoch', 'batch', 'phase', *BATCH_METRICS)
+EPOCH_LOG_COLUMNS = tuple(c for c in EPOCH_LOG_SCHEMA if c in ('epoch', 'train_loss', 'valid_loss'))
+TIME_LOG_COLUMNS = tuple(c for c in TIMING_COLUMNS[::-1] if BATCH_LOG_SCHEMA[c].unit == 's')   # optional
 
 
 def read_log_csv(path, required_columns):

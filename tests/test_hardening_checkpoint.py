@@ -159,12 +159,12 @@ def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, pristine, 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 
 
-def test_checkpoint_rng_states_have_the_cuda_states_exactly_when_cuda_is_available(tmp_path):
+def test_checkpoint_rng_states_have_the_cuda_states_exactly_when_cuda_is_initialized(tmp_path):
     make_toy_trainer(tmp_path, 'exp', max_epochs=1).train_and_validate()
     ckpt = load_checkpoint(tmp_path, 'exp')
     for states in (ckpt['rng_states'], *ckpt['rng_states_per_rank']):
         assert {'torch', 'numpy', 'python'} <= set(states)
-        assert ('cuda' in states) == torch.cuda.is_available()
+        assert ('cuda' in states) == torch.cuda.is_initialized()
         if 'cuda' in states:
             assert len(states['cuda']) == torch.cuda.device_count()
             assert all(s.dtype == torch.uint8 for s in states['cuda'])

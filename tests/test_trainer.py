@@ -1,6 +1,5 @@
 """DWIMLAbstractTrainer: logs, checkpoints, exact resume (also after SIGKILL), clear errors."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['logger', 'MAX_NEIGHBORHOOD_RADIUS', 'MIN_STEP_SIZE', 'NOTEBOOK_PARAMETERS', 'DirectionGetterTrainer', 'make_samplers',
-           'evaluate_angular_error', 'device_arg', 'build_parser', 'train_model', 'train_model_main',
-           'check_notebook_parameters']
+           'evaluate_angular_error', 'device_arg', 'build_parser', 'train_model', 'step_options', 'run_lr_find',
+           'train_model_main', 'check_notebook_parameters']
 
 # %% ../../nbs/10_train_model_script.ipynb
 class DirectionGetterTrainer(DWIMLAbstractTrainer):
@@ -159,6 +159,22 @@ def build_parser():
     g.add_argument('--num_threads', type=positive_int, default=None,
                    help="torch threads while training (None: OMP_NUM_THREADS if set, else half of the cores the "
                         'workers leave).')
+    g.add_argument('--lr_schedule', choices=['none', 'warmup_cosine', 'one_cycle'], default='none',
+                   help='Learning-rate schedule: warm-up then cosine, or one cycle (dwiml_nb.schedules).')
+    g.add_argument('--warmup', type=nonnegative_int, default=0,
+                   help='Warm-up length of warmup_cosine, in schedule units (steps or epochs).')
+    g.add_argument('--schedule_unit', choices=['epoch', 'step'], default='epoch',
+                   help='Step the schedule after every optimizer step or every epoch.')
+    g.add_argument('--grad_accumulation', type=positive_int, default=1,
+                   help='Training batches per optimizer step (as one batch N times as large).')
+    g.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default='fp32',
+                   help='Autocast dtype of forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with a gradient scaler).')
+    g.add_argument('--ema_decay', type=number_in_range(float, 0, 1, strict_minimum=True),
+                   default=None, help='Keep an exponential moving average of the weights with this decay (e.g. '
+                   '0.999), validated and saved as ema_model_state.pt (None: none).')
+    g.add_argument('--lr_find', action='store_true',
+                   help='Only run the learning-rate finder: write lr_find.html (and .png when Chromium is '
+                        'available) and lr_find.json in the experiment folder, then exit.')
     g.add_argument('--device', type=device_arg, default='auto', help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
     g.add_argument('--seed', type=number_in_range(int, 0, 2**32 - 1), default=1234, help='Seed of every random draw (batches, augmentation, model).')
     g.add_argument('--overwrite', action='store_true', help='Replace an existing experiment folder.')
@@ -201,7 +217,10 @@ def train_model(args):
         clip_grad=args.clip_grad or None, num_workers=args.num_workers, num_threads=args.num_threads,
         device=device, seed=args.seed,
         checkpoint_every_n_batches=args.checkpoint_every_n_batches, overwrite=args.overwrite,
-        progress=not args.no_progress, callbacks=[] if args.tracker == 'none' else [make_tracker(args.tracker)])
+        progress=not args.no_progress, callbacks=[] if args.tracker == 'none' else [make_tracker(args.tracker)],
+        **step_options(args))
+    if args.lr_find:
+        return run_lr_find(trainer)
     trainer.train_and_validate()
     if not trainer.is_main_process:   # under torchrun, rank 0 alone evaluates and reports
         return None
@@ -216,11 +235,43 @@ def train_model(args):
     return results
 
 
+def step_options(args):
+    "The trainer's schedule, accumulation, precision and EMA arguments from parsed options."
+    schedule = None
+    if args.lr_schedule == 'warmup_cosine': schedule = {'name': 'warmup_cosine', 'warmup': args.warmup}
+    elif args.lr_schedule == 'one_cycle': schedule = {'name': 'one_cycle'}
+    return dict(lr_scheduler=schedule, schedule_unit=args.schedule_unit, grad_accumulation=args.grad_accumulation,
+                precision=args.precision, ema_decay=args.ema_decay)
+
+
+def run_lr_find(trainer, nb_batches=100):
+    "`trainer.lr_find()`, its figure written as lr_find.html (+ .png if Chromium renders it) and lr_find.json."
+    from dwiml_nb.viz_training import ChromiumUnavailable, save_figure
+    result = trainer.lr_find(nb_batches=nb_batches)
+    if not trainer.is_main_process: return None
+    root = trainer.paths['root']
+    fig = result.figure(title=f'learning-rate finder: {trainer.experiment_name}')
+    save_figure(fig, root / 'lr_find.html')
+    try:
+        save_figure(fig, root / 'lr_find.png')
+    except ChromiumUnavailable as e:
+        logger.warning('lr_find.png not written (%s); lr_find.html is', e)
+    summary = {'lr_find_suggestion': result.suggestion, 'learning_rates': result.learning_rates.tolist(),
+               'losses': result.losses.tolist()}
+    with atomic_write(root / 'lr_find.json') as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _train_model_cli(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     results = train_model(args)
     if results is None:
+        return
+    if args.lr_find:
+        print(f"suggested learning rate: {results['lr_find_suggestion']}")
+        print(f"figure: {experiment_paths(args.experiments_path, args.experiment_name)['root'] / 'lr_find.html'}")
         return
     paths = experiment_paths(args.experiments_path, args.experiment_name)
     print(f"validation angular error: untrained {results['validation_angular_error_untrained_deg']:.1f} deg, "
@@ -238,7 +289,10 @@ NOTEBOOK_PARAMETERS = {
     'experiment_name': str, 'max_epochs': int, 'batch_size': (int, float), 'learning_rate': float, 'seed': int,
     'num_workers': int, 'num_threads': (int, None), 'resume': bool, 'overwrite': bool, 'lazy': bool,
     'step_size': (float, None), 'neighborhood_type': (str, None), 'neighborhood_radius': (int, float),
-    'max_batches_per_epoch': (int, None), 'device': str, 'progress': bool}
+    'max_batches_per_epoch': (int, None), 'device': str, 'progress': bool,
+    # optional (issue #16): the defaults keep the training of before
+    'lr_schedule': (str, None), 'warmup': int, 'schedule_unit': str, 'grad_accumulation': int, 'precision': str,
+    'ema_decay': (float, None), 'run_lr_find': bool}
 
 
 def check_notebook_parameters(values, spec=None):
