@@ -50,7 +50,7 @@ _all_ = ['BATCH_COLUMNS', 'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA
          'sampler_spec', 'source_fingerprints', 'relocate_hdf5', 'check_same_hdf5']
 
 # %% auto 0
-__all__ = ['logger', 'OPTIMIZERS', 'TRAINER_SETTINGS', 'PRECISIONS', 'NonFiniteLossError', 'usable_cores',
+__all__ = ['logger', 'OPTIMIZERS', 'TRAINER_SETTINGS', 'DWIMLTrainerOneInput', 'PRECISIONS', 'NonFiniteLossError', 'usable_cores',
            'default_torch_threads', 'choose_torch_threads', 'check_samplers_have_batches', 'check_trainer_settings',
            'check_resume_has_work', 'DWIMLAbstractTrainer', 'import_user_modules', 'resume_experiment', 'resume_main',
            'BATCH_COLUMNS', 'BATCH_LOG_SCHEMA', 'EPOCH_COLUMNS', 'EPOCH_LOG_SCHEMA', 'TIMING_COLUMNS', 'EPOCH_ARRAYS',
@@ -283,6 +283,9 @@ class DWIMLAbstractTrainer:
     def compute_batch_loss(self, data, is_training):
         "The loss of one batch: a scalar tensor, or `(loss, n)` with n the batch's weight. Child classes implement it."
         raise NotImplementedError('a DWIMLAbstractTrainer child class implements compute_batch_loss(data, is_training)')
+
+# %% ../nbs/07_trainer.ipynb
+DWIMLTrainerOneInput = DWIMLAbstractTrainer
 
 # %% ../nbs/07_trainer.ipynb
 @patch

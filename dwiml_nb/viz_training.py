@@ -5,7 +5,6 @@
 # %% ../nbs/11_viz_training.ipynb 2
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json

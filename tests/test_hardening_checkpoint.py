@@ -10,9 +10,7 @@ import torch
 from dwiml_nb.core import CheckpointError
 from dwiml_nb.trainer import checkpoint_digest, experiment_paths, load_checkpoint
 
-TESTS_DIR = Path(__file__).parent
-sys.path.insert(0, str(TESTS_DIR))
-from trainer_test_utils import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -103,8 +101,7 @@ def test_resume_script_says_it_in_one_line(tmp_path, pristine, name, edit, messa
     _save_with_digest(ckpt, paths['checkpoint'])
     before = _snapshot(paths['root'])
     run = subprocess.run([BIN / 'dwiml_resume_training_from_checkpoint', tmp_path, 'exp', '--import',
-                          'trainer_test_utils', '--no_progress'], capture_output=True, text=True, timeout=120,
-                         env={**__import__('os').environ, 'PYTHONPATH': str(TESTS_DIR)})
+                          'dwiml_nb.testing', '--no_progress'], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and 'Traceback' not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: file '{paths['checkpoint']}': "), run.stderr
@@ -136,8 +133,8 @@ def test_a_flipped_bit_in_a_tensor_is_refused_by_the_checksum(tmp_path, pristine
     assert f"file '{paths['checkpoint']}'" in str(err.value)
     assert _snapshot(paths['root']) == before
     run = subprocess.run([BIN / 'dwiml_resume_training_from_checkpoint', tmp_path, 'exp', '--import',
-                          'trainer_test_utils', '--no_progress', '--new_max_epochs', '2'], capture_output=True,
-                         text=True, timeout=120, env={**__import__('os').environ, 'PYTHONPATH': str(TESTS_DIR)})
+                          'dwiml_nb.testing', '--no_progress', '--new_max_epochs', '2'], capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 2 and 'Traceback' not in run.stderr and 'checksum mismatch' in run.stderr
 
 

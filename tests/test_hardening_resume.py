@@ -10,9 +10,7 @@ import torch
 
 from dwiml_nb.trainer import experiment_paths
 
-TESTS_DIR = Path(__file__).parent
-sys.path.insert(0, str(TESTS_DIR))
-from trainer_test_utils import make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import make_toy_trainer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESUME = BIN / 'dwiml_resume_training_from_checkpoint'
@@ -30,7 +28,7 @@ def toy_experiment(tmp_path_factory):
 
 def _env():
     # BROWSER=true: should antigravity ever be imported, it opens nothing.
-    return {**os.environ, 'PYTHONPATH': str(TESTS_DIR), 'BROWSER': 'true'}
+    return {**os.environ, 'BROWSER': 'true'}
 
 
 def _crafted(tmp_path, toy_experiment, field, value):
@@ -52,7 +50,7 @@ def test_resume_never_imports_a_module_the_checkpoint_names(tmp_path, toy_experi
     script = (f'import sys, json\nfrom dwiml_nb.trainer import resume_main\ncodes = []\n'
               f'for i in range({len(cases)}):\n'
               f'    try:\n        resume_main([{str(tmp_path)!r} + "/" + str(i), "exp", "--no_progress", '
-              f'"--import", "trainer_test_utils"])\n'
+              f'"--import", "dwiml_nb.testing"])\n'
               f'    except SystemExit as e:\n        codes.append(e.code)\n'
               f'print(json.dumps({{"codes": codes, "loaded": sorted(sys.modules)}}))\n')
     run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=_env(), timeout=120)
@@ -71,7 +69,7 @@ def test_resume_never_imports_a_module_the_checkpoint_names(tmp_path, toy_experi
 @pytest.mark.parametrize('value', ['this:x', '__hello__:x'])
 def test_console_script_prints_one_line_and_runs_nothing(tmp_path, toy_experiment, value):
     ckpt = _crafted(tmp_path, toy_experiment, 'model_class', value)
-    run = subprocess.run([RESUME, tmp_path, 'exp', '--no_progress', '--import', 'trainer_test_utils'],
+    run = subprocess.run([RESUME, tmp_path, 'exp', '--no_progress', '--import', 'dwiml_nb.testing'],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert run.returncode == 2
     assert run.stdout == ''   # `this` prints the Zen of Python, `__hello__` 'Hello world!' when imported
@@ -88,10 +86,10 @@ def test_a_class_of_a_user_module_needs_import(tmp_path, toy_experiment):
     run = subprocess.run([RESUME, tmp_path, 'exp', '--no_progress'], capture_output=True, text=True,
                          env=_env(), timeout=120)
     assert run.returncode == 2 and 'Traceback' not in run.stderr
-    assert ("trainer class 'trainer_test_utils:ToyTrainer' of the checkpoint is not a loaded subclass of "
+    assert ("trainer class 'dwiml_nb.testing:ToyTrainer' of the checkpoint is not a loaded subclass of "
             'dwiml_nb.trainer.DWIMLAbstractTrainer') in run.stderr
-    assert 'pass --import trainer_test_utils' in run.stderr and 'ToyTrainer.init_from_checkpoint' in run.stderr
-    run = subprocess.run([RESUME, tmp_path, 'exp', '--no_progress', '--import', 'trainer_test_utils',
+    assert 'pass --import dwiml_nb.testing' in run.stderr and 'ToyTrainer.init_from_checkpoint' in run.stderr
+    run = subprocess.run([RESUME, tmp_path, 'exp', '--no_progress', '--import', 'dwiml_nb.testing',
                           '--new_max_epochs', '2'], capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 0, run.stderr
     assert torch.load(experiment_paths(tmp_path, 'exp')['checkpoint'], weights_only=True)['position']['epoch'] == 2

@@ -16,14 +16,12 @@ from dwiml_nb.core import CheckpointError, ConfigError
 from dwiml_nb.trainer import (BATCH_COLUMNS, EPOCH_ARRAYS, EPOCH_COLUMNS, TIMING_COLUMNS, DWIMLAbstractTrainer,
                               NonFiniteLossError, experiment_paths, load_checkpoint, resume_main)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import (NextStepModel, NextStepTrainer, ToyModel, ToySampler, ToySubset,  # noqa: E402
+from dwiml_nb.testing import (NextStepModel, NextStepTrainer, ToyModel, ToySampler, ToySubset,  # noqa: E402
                                 ToyTrainer, make_real_samplers, make_real_trainer, make_toy_trainer,
                                 write_tiny_hdf5)
 
 # Bitwise comparisons need the same reduction order in every process.
 torch.set_num_threads(1)
-TESTS_DIR = Path(__file__).parent
 # Exercise clipping, a scheduler and mid-epoch checkpoints in every resume test.
 RUN = dict(clip_grad=0.5, lr_scheduler={'name': 'StepLR', 'step_size': 1, 'gamma': 0.7}, optimizer='AdamW',
            weight_decay=0.01, checkpoint_every_n_batches=2)
@@ -128,13 +126,13 @@ def test_logs_agree_with_batches_and_are_documented(toy_run):
     best = torch.load(paths['best_model'], weights_only=True)
     assert set(best) == set(ToyModel().state_dict())
     params = json.loads(paths['parameters'].read_text())
-    assert params['model_class'] == 'trainer_test_utils:ToyModel' and params['trainer_params']['clip_grad'] == 0.5
+    assert params['model_class'] == 'dwiml_nb.testing:ToyModel' and params['trainer_params']['clip_grad'] == 0.5
 
 
 def test_checkpoint_loads_weights_only_and_holds_the_run(toy_run):
     ckpt = torch.load(experiment_paths(*toy_run[:2])['checkpoint'], weights_only=True)
     assert ckpt['dwiml_nb_version'] == dwiml_nb.__version__
-    assert ckpt['trainer_class'] == 'trainer_test_utils:ToyTrainer'
+    assert ckpt['trainer_class'] == 'dwiml_nb.testing:ToyTrainer'
     assert ckpt['model_params'] == {'hidden': 16, 'dropout': 0.2}
     assert ckpt['position'] == {'epoch': 4, 'batches_done': 0}
     assert ckpt['samplers']['training']['params']['batch_size'] == 8
@@ -157,7 +155,6 @@ def test_mid_epoch_checkpoint_position_is_what_the_loop_consumed(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
-    sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
     from test_trainer import make
@@ -178,12 +175,14 @@ def test_sigkill_mid_epoch_then_resume_script_is_bitwise_identical(tmp_path, str
     # index 2 of epoch 2: the last checkpoint is at 2 batches of epoch 2, and the log row of batch 2
     # was written after it (the resume must cut it, then redo the batch).
     straight_run = straight_runs('real')
-    script = KILL_SCRIPT.format(tests=str(TESTS_DIR), epoch=2, batch=2, kind='real', hdf5=str(hdf5_file),
+    script = KILL_SCRIPT.format(epoch=2, batch=2, kind='real', hdf5=str(hdf5_file),
                                 path=str(tmp_path / 'exps'), workers=num_workers, run=RUN)
     exps = tmp_path / 'exps'
     # Output to a file, not a pipe: orphaned DataLoader workers would hold a pipe open for seconds.
     with open(tmp_path / 'output.txt', 'w') as out:
-        proc = subprocess.run([sys.executable, '-c', script], stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        # run from this folder: `python -c` imports this test module (its `make`) from the current folder
+        proc = subprocess.run([sys.executable, '-c', script], stdout=out, stderr=subprocess.STDOUT, timeout=120,
+                              cwd=Path(__file__).parent)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / 'output.txt').read_text()
     assert load_checkpoint(exps, 'exp')['position'] == {'epoch': 2, 'batches_done': 2}
     assert len(pd.read_csv(exps / 'exp/logs/batches.csv').query('epoch == 2 and phase == "train"')) == 3
@@ -329,7 +328,7 @@ def test_bad_parameters_are_refused(tmp_path):
 
 def test_inputs_left_to_the_main_process_give_the_same_training(tmp_path, hdf5_file):
     "inputs_in_workers=False: workers send points only, the trainer interpolates (add_inputs); same weights."
-    from trainer_test_utils import NextStepModel, NextStepTrainer, make_real_samplers
+    from dwiml_nb.testing import NextStepModel, NextStepTrainer, make_real_samplers
     weights = []
     for inputs_in_workers in (True, False):
         training, validation = make_real_samplers(hdf5_file, inputs_in_workers=inputs_in_workers)

@@ -3,7 +3,6 @@ callbacks told when training stops on an error, text progress and log lines in J
 import contextlib
 import io
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,8 +12,7 @@ import dwiml_nb.core
 from dwiml_nb.core import ConfigError, progress_bar, setup_logging
 from dwiml_nb.trainer import choose_torch_threads, default_torch_threads, experiment_paths
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_test_utils import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
+from dwiml_nb.testing import ToyModel, ToySampler, ToySubset, ToyTrainer, make_toy_trainer  # noqa: E402
 
 
 class ThreadsSeen:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dwiml_nb.viz_training import ExperimentLogs, LiveTrainingChart, find_chromium, logs_figure, visualize_logs_main
-from trainer_test_utils import ToyTrainer, make_toy_trainer
+from dwiml_nb.testing import ToyTrainer, make_toy_trainer
 
 CLI = [sys.executable, '-c', 'from dwiml_nb.viz_training import visualize_logs_main; visualize_logs_main()']
 
@@ -200,12 +200,12 @@ def test_live_chart_outside_jupyter_costs_nothing_and_follows_a_resume(tmp_path)
 
 
 def test_importing_and_the_no_display_callback_do_not_import_plotly(tmp_path):
-    code = ('import sys, torch; sys.path.insert(0, %r); torch.set_num_threads(1)\n'
-            'from trainer_test_utils import make_toy_trainer\n'
+    code = ('import sys, torch; torch.set_num_threads(1)\n'
+            'from dwiml_nb.testing import make_toy_trainer\n'
             'from dwiml_nb.viz_training import LiveTrainingChart\n'
             'chart = LiveTrainingChart()\n'
             'make_toy_trainer(%r, "x", max_epochs=1, callbacks=[chart]).train_and_validate()\n'
-            'print(len(chart.logs().train), "plotly" in sys.modules)') % (str(Path(__file__).parent), str(tmp_path))
+            'print(len(chart.logs().train), "plotly" in sys.modules)') % str(tmp_path)
     run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ['5', 'False']

@@ -87,6 +87,8 @@ check_notebooks() {
 
 run_tests() {
   check_notebooks
+  log "ruff (ruff.toml: notebooks, tests, benchmarks, tools)"
+  "$VENV/bin/ruff" check --quiet || { log "FAIL: ruff"; return 1; }
   log "nbdev notebook tests"
   "$VENV/bin/nbdev_test" --n_workers 2 --skip_file_glob 'train_model.ipynb' || { log "FAIL: nbdev notebook tests"; return 1; }
   log "pytest"
