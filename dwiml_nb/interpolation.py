@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import logging
 import numbers
+import sys
+import threading
 
 import numba
 import numpy as np
@@ -22,8 +24,9 @@ from .core import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'PREFETCH_AHEAD', 'PREFETCH_MAX_OFFSETS', 'BACKENDS',
-           'neighborhood_offsets', 'interpolate_with_neighborhood', 'trilinear_interpolation']
+__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'OUTPUT_BUFFERS', 'PREFETCH_AHEAD', 'PREFETCH_MAX_OFFSETS',
+           'BACKENDS', 'neighborhood_offsets', 'OutputBuffers', 'interpolate_with_neighborhood',
+           'trilinear_interpolation']
 
 # %% ../nbs/04_interpolation.ipynb
 NEIGHBORHOOD_KINDS = (None, 'axes', 'grid')
@@ -91,6 +94,44 @@ def _checked_voxel_sizes(voxel_sizes):
     if sizes.shape != (3,) or not np.all((sizes > 0) & np.isfinite(sizes)):
         raise ConfigError(f"voxel sizes must be 3 positive numbers, got {voxel_sizes!r}")
     return sizes
+
+# %% ../nbs/04_interpolation.ipynb
+class OutputBuffers:
+    """Float32 arrays for the kernel's results, reused once nobody holds them.
+
+    Parameters
+    ----------
+    max_buffers : int
+        Buffers kept (a training loop holds one or two batches at a time); past that, plain new arrays.
+    min_bytes : int
+        Smaller results are plain `np.empty` arrays (they come from the heap, not fresh pages).
+    """
+    def __init__(self, max_buffers=4, min_bytes=1 << 20):
+        self.max_buffers, self.min_bytes = max_buffers, min_bytes
+        self._buffers = []
+        self._lock = threading.Lock()     # the kernel releases the GIL: threads may ask at once
+
+    def empty(self, shape):
+        "An uninitialised C-contiguous float32 array of ``shape``, in a buffer no live result uses."
+        size = int(np.prod(shape))
+        if size * 4 < self.min_bytes:
+            return np.empty(shape, dtype=np.float32)
+        with self._lock:
+            # References to a free buffer: the list, `buffer` and getrefcount's argument. Any
+            # result (a view of it) or tensor made from one adds one. No enumerate: its tuple holds one.
+            free = [buffer for buffer in self._buffers if sys.getrefcount(buffer) == 3]
+            fits = [buffer for buffer in free if buffer.size >= size]
+            if fits:
+                return fits[0][:size].reshape(shape)
+            buffer = np.empty(size + size // 4, dtype=np.float32)   # room for the next, larger batch
+            if free:      # a free one too small: replaced, so the pool does not grow
+                self._buffers[next(i for i, b in enumerate(self._buffers) if b is free[0])] = buffer
+            elif len(self._buffers) < self.max_buffers:
+                self._buffers.append(buffer)
+            return buffer[:size].reshape(shape)
+
+
+OUTPUT_BUFFERS = OutputBuffers()
 
 # %% ../nbs/04_interpolation.ipynb
 @intrinsic
@@ -190,7 +231,7 @@ PREFETCH_MAX_OFFSETS = 7     # prefetch when a point has at most this many sampl
 def _interpolate_numba(volume, coords, offsets, out=None, prefetch_ahead=None):
     "CPU path: float32 volume, float64 coords (N, 3) and offsets (K, 3), all contiguous numpy."
     if out is None:
-        out = np.empty((len(coords), len(offsets) * volume.shape[3]), dtype=np.float32)
+        out = OUTPUT_BUFFERS.empty((len(coords), len(offsets) * volume.shape[3]))
     if prefetch_ahead is None:
         prefetch_ahead = PREFETCH_AHEAD if len(offsets) <= PREFETCH_MAX_OFFSETS else 0
     if out.size:
@@ -296,7 +337,8 @@ def interpolate_with_neighborhood(volume, coords, offsets, *, out=None, backend=
     Tensor of float32 (N, K * F)
         On the volume's device; the features of offset ``k`` are columns ``k*F:(k+1)*F``.
         Outside the volume, values are clamped to the border voxels (see above). With ``out``,
-        ``out`` itself (filled).
+        ``out`` itself (filled). Without it, a CPU result of 1 MiB or more lives in one of
+        `OUTPUT_BUFFERS`, handed out again only once this tensor and every view of it are gone.
 
     Raises
     ------

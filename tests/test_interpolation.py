@@ -269,6 +269,55 @@ def test_threads_share_the_kernel():
         assert torch.equal(got, expected)
 
 
+# --- reused output buffers (results of >= 1 MiB come from interpolation.OUTPUT_BUFFERS) -------
+
+def _big_chunks(rng, nb_chunks, nb_points=8000):
+    "Chunks whose 'axes' r=1 result over 6 features is 8000 × 42 float32 = 1.3 MB: pooled buffers."
+    return [torch.from_numpy(rng.uniform(0, 10, (nb_points, 3))) for _ in range(nb_chunks)]
+
+
+def test_results_still_held_are_never_overwritten_and_dropped_ones_are_reused():
+    rng = np.random.default_rng(21)
+    volume = torch.from_numpy(rng.random((10, 10, 10, 6), dtype=np.float32))
+    offsets = neighborhood_offsets('axes', 1)
+    chunks = _big_chunks(rng, 6)
+    held = [interpolate_with_neighborhood(volume, c, offsets) for c in chunks]   # more than the pool keeps
+    for chunk, got in zip(chunks, held):
+        assert torch.equal(got, interpolate_with_neighborhood(volume, chunk, offsets, out=torch.empty_like(got)))
+    pointers = {t.data_ptr() for t in held}
+    assert len(pointers) == len(held)
+    del held, got
+    again = interpolate_with_neighborhood(volume, chunks[0], offsets)
+    assert again.data_ptr() in pointers                    # a buffer nobody holds is reused
+    views = [again[:10], again.numpy()[5:], again.detach()]
+    del again
+    other = interpolate_with_neighborhood(volume, chunks[1], offsets)
+    for view in views:                                     # ... but not while any view of it lives
+        assert not np.shares_memory(np.asarray(view), other.numpy())
+
+
+def test_reused_buffers_in_dataloader_workers_and_threads():
+    rng = np.random.default_rng(22)
+    volume = torch.from_numpy(rng.random((10, 10, 10, 6), dtype=np.float32))
+    chunks = _big_chunks(rng, 6)
+    want = [interpolate_with_neighborhood(volume, c, neighborhood_offsets('axes', 1), backend='torch') for c in chunks]
+    # workers: each result is moved to shared memory to be sent, then the worker reuses its buffer
+    loader = DataLoader(_PointsDataset(volume, chunks), batch_size=None, num_workers=2)
+    got = list(loader)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-6)
+    results = [None] * len(chunks)
+
+    def work(i):
+        results[i] = interpolate_with_neighborhood(volume, chunks[i], neighborhood_offsets('axes', 1))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(chunks))]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    for g, w in zip(results, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-6)
+
+
 @needs_cuda
 def test_cuda_matches_cpu():
     rng = np.random.default_rng(10)
