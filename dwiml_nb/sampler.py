@@ -23,7 +23,8 @@ from .augment import (AUGMENTATION_DEFAULTS, Noise, Resample, Reverse, Split, ap
                               transforms_from_params)
 from .core import ConfigError, PackedStreamlines
 from .distributed import rank_and_world_size
-from .interpolation import interpolate_with_neighborhood, neighborhood_offsets, trilinear_interpolation
+from .interpolation import (OUTPUT_BUFFERS, interpolate_with_neighborhood, neighborhood_offsets,
+                                    trilinear_interpolation)
 
 logger = logging.getLogger(__name__)
 
@@ -991,7 +992,11 @@ def _fill_inputs(self: BatchLoaderOneInput, batch):
     first, last = np.concatenate([[0], runs]), np.concatenate([runs, [len(batch)]])
     if len(first) == 1:
         return replace(batch, inputs=self._interpolate(int(batch.subject_ids[0]), batch.streamlines.data))
-    inputs = torch.empty((batch.nb_points, self.nb_inputs), dtype=torch.float32, device=self.device)
+    shape = (batch.nb_points, self.nb_inputs)
+    # On the CPU the rows come from the interpolation's buffer pool: a fresh tensor of this size
+    # would fault in every page again on every batch.
+    inputs = (torch.from_numpy(OUTPUT_BUFFERS.empty(shape)) if self.device.type == 'cpu'
+              else torch.empty(shape, dtype=torch.float32, device=self.device))
     for a, b in zip(first, last):
         rows = slice(int(ends[a]), int(ends[b]))
         self._interpolate(int(batch.subject_ids[a]), batch.streamlines.data[rows], out=inputs[rows])
