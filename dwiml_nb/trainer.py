@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import logging
@@ -975,24 +977,39 @@ def rebuild_samplers(cls: DWIMLAbstractTrainer, samplers):
     return build(samplers['training'], 'training'), build(samplers['validation'], 'validation')
 
 # %% ../nbs/07_trainer.ipynb
+def _import_from_path_or_cwd(name):
+    "Import `name` from the Python path, else its top-level package or module from the current folder."
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        top = name.split('.')[0]
+        if e.name != top: raise
+    # Found with a path finder on the current folder, so that sys.path is never edited (a module
+    # there that imports its sibling modules needs PYTHONPATH=. like any script).
+    spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+    if spec is None: raise ModuleNotFoundError(f"No module named '{top}'", name=top)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
+    return importlib.import_module(name)
+
+
 def import_user_modules(modules):
     """Import the modules the user names (``--import``), so that their classes can be resumed.
 
-    The current folder is searched last, as ``python -m`` would. A module that cannot be
-    imported is a `ConfigError` naming it.
+    The Python path is searched first, then the current folder, as ``python -m`` would. A module
+    that cannot be imported is a `ConfigError` naming it.
     """
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added: sys.path.append(cwd)
-    try:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception as e:
-                raise ConfigError(f"cannot import the module '{name}' given with --import "
-                                  f'({type(e).__name__}: {e})') from None
-    finally:
-        if added: sys.path.remove(cwd)
+    for name in modules:
+        try:
+            _import_from_path_or_cwd(name)
+        except Exception as e:
+            raise ConfigError(f"cannot import the module '{name}' given with --import "
+                              f'({type(e).__name__}: {e})') from None
 
 
 def _load_package_classes():

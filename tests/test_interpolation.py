@@ -6,9 +6,7 @@ Both paths (the numba kernel and the torch gather, run on CPU here) must give sc
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,8 +21,7 @@ from dwiml_nb.core import ConfigError, DataError
 from dwiml_nb.interpolation import (_interpolate_numba, interpolate_with_neighborhood, neighborhood_offsets,
                                     trilinear_interpolation)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dwiml_fixture import write_dwiml_hdf5  # noqa: E402
+from dwiml_nb.testing import write_dwiml_hdf5  # noqa: E402
 
 BACKENDS = ['numba', 'torch']
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')

@@ -1,7 +1,7 @@
 """The README's "Tracking with a trained model" pipeline, run as written (the scripts as subprocesses):
-the dipy demo, `dwiml_train_model` for 8 epochs, `dwiml_track_from_model` with 300 seeds in `wm_mask` on
-the validation subject, `dwiml_score_tractogram`, and the overlay picture. Its scores are what the README
-reports; the run takes a few minutes on 2 CPU cores.
+the dipy demo, `dwiml_train_model` for 8 epochs, `dwiml_track_from_model` with 300 seeds in the tract mask,
+stopped by `wm_mask`, on the validation subject, `dwiml_score_tractogram`, and the overlay picture. Its scores
+are what the README reports; the run takes about 1.5 minutes on 2 CPU cores.
 """
 import json
 import os
@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 FIRST_LINE = '# The dipy demo'
 
-# The figures the README gives, and the floors this pipeline must keep (issue #14: Dice >= 0.5; see the
-# README for the valid ratio reached and why it is below the issue's 0.8).
+# The floors this pipeline must keep, under the figures the README gives (Dice 0.651, valid ratio 0.781).
+# Issue #14: Dice >= 0.5 and valid ratio >= 0.8; the README says why the run stops at 0.78 (0.79 and 0.81
+# with other seeds), so the floor is 0.75: what a regression of the model, the tracker or the scoring breaks.
 MIN_DICE = 0.5
-MIN_VALID_RATIO = 0.4
+MIN_VALID_RATIO = 0.75
 
 
 def readme_tracking_block():
@@ -37,7 +38,7 @@ def test_the_readme_tracking_pipeline_reaches_its_scores(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f'exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}'
     scores = json.loads((tmp_path / 'scores.json').read_text())
-    assert scores['nb_reference_streamlines'] == 150 and scores['nb_streamlines'] > 150
+    assert scores['nb_reference_streamlines'] == 150 and scores['nb_streamlines'] > 250    # few seeds dropped
     assert scores['dice'] >= MIN_DICE, scores
     assert scores['valid_ratio'] >= MIN_VALID_RATIO, scores
     assert set(scores['bundles']) == {'AF_L', 'CC_ForcepsMajor', 'CST_R'}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwiml_fixture import write_dwiml_hdf5
+from dwiml_nb.testing import write_dwiml_hdf5
 from dwiml_nb import viz_batch
 from dwiml_nb.core import DataError
 from dwiml_nb.dataset import MultiSubjectDataset

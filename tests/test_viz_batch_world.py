@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from dwiml_fixture import write_dwiml_hdf5
+from dwiml_nb.testing import write_dwiml_hdf5
 from dwiml_nb import viz_batch
 from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
