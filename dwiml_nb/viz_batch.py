@@ -40,7 +40,7 @@ __all__ = ['logger', 'NO_DIRECTION_GREY', 'AUGMENTATION_LABELS', 'AUGMENTATION_C
            'voxel_to_world', 'world_to_voxel_index', 'densest_slice', 'Legend', 'legend_html', 'BatchView',
            'make_batch_view', 'add_subject_slice', 'RenderingUnavailable', 'ensure_runtime_dir', 'check_rendering',
            'view_direction', 'slice_plane', 'orientation_positions', 'render_view', 'png_bytes', 'save_png', 'annotate',
-           'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas', 'fallback_bundle',
+           'save_view_png', 'render_batch_png', 'live_canvas_problem', 'CanvasBusy', 'LiveCanvas', 'fallback_bundle',
            'fallback_hiding_style', 'BatchInspector', 'tractogram_in_world', 'reference_bundles', 'overlay_view',
            'render_overlay_png', 'palette_png', 'TractogramOverlay', 'visualize_batch_main']
 
@@ -932,6 +932,20 @@ def _wrap(text, width_of, width):
     return lines + [current] if current else lines or ['']
 
 # %% ../nbs/09_viz_batch.ipynb
+def save_view_png(view, path, *, size=(800, 800), azimuth=-60.0, elevation=25.0, zoom=1.0, drawing='lines',
+                  annotated=True):
+    """Render `view` and save it to the PNG file `path`, title and key burned in with `annotated`.
+
+    Returns the RGBA picture saved (what every `render_*_png` of this module ends with).
+    """
+    image = render_view(view, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing)
+    if annotated:
+        image = annotate(image, view)
+    save_png(image, path)
+    logger.info('%s -> %s', view.title, path)
+    return image
+
+# %% ../nbs/09_viz_batch.ipynb
 def render_batch_png(sampler, path, *, epoch=0, batch_index=0, size=(800, 800), azimuth=-60.0, elevation=25.0,
                      zoom=1.0, drawing='lines', annotated=True, **view_kwargs):
     """Render batch `batch_index` of `epoch` of `sampler` to the PNG file `path`.
@@ -941,12 +955,8 @@ def render_batch_png(sampler, path, *, epoch=0, batch_index=0, size=(800, 800), 
     above and below the `size` picture (`annotate`). Returns the RGBA picture saved.
     """
     view = make_batch_view(sampler, batch_parts(sampler, epoch, batch_index), **view_kwargs)
-    image = render_view(view, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing)
-    if annotated:
-        image = annotate(image, view)
-    save_png(image, path)
-    logger.info('%s -> %s', view.title, path)
-    return image
+    return save_view_png(view, path, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing,
+                         annotated=annotated)
 
 # %% ../nbs/09_viz_batch.ipynb
 LIVE_CHOICES = ('auto', True, False)
@@ -1533,12 +1543,8 @@ def render_overlay_png(tractogram, data, subject, path, *, size=(800, 800), azim
     """Render `overlay_view` (``view_kwargs``: reference_group, labels, bundle_names, name, slice_axis...)
     to the PNG file `path`, title and key burned in with `annotated`; returns the RGBA picture saved."""
     view = overlay_view(tractogram, data, subject, **view_kwargs)
-    image = render_view(view, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing)
-    if annotated:
-        image = annotate(image, view)
-    save_png(image, path)
-    logger.info('%s -> %s', view.title, path)
-    return image
+    return save_view_png(view, path, size=size, azimuth=azimuth, elevation=elevation, zoom=zoom, drawing=drawing,
+                         annotated=annotated)
 
 # %% ../nbs/09_viz_batch.ipynb
 def palette_png(image, colors=128):
