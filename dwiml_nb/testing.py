@@ -24,8 +24,9 @@ from .trainer import DWIMLAbstractTrainer
 __all__ = ['NOT_DEFINED', 'SUBSET_SIZES', 'dwiml_random_streamlines', 'dwiml_default_config', 'write_dwiml_hdf5',
            'read_streamline_slowly', 'read_streamlines_slowly', 'make_affine', 'write_nifti', 'random_streamlines',
            'reference_image', 'write_tractogram', 'default_config', 'make_subject', 'make_database',
-           'write_subject_lists', 'ToySubset', 'ToySampler', 'ToyModel', 'ToyTrainer', 'make_toy_trainer',
-           'write_tiny_hdf5', 'NextStepModel', 'NextStepTrainer', 'make_real_samplers', 'make_real_trainer']
+           'write_subject_lists', 'points_with_a_next', 'ToySubset', 'ToySampler', 'ToyModel', 'ToyTrainer',
+           'make_toy_trainer', 'write_tiny_hdf5', 'NextStepModel', 'NextStepTrainer', 'make_real_samplers',
+           'make_real_trainer']
 
 # %% ../nbs/16_testing.ipynb
 NOT_DEFINED = 'Not defined by user'
@@ -289,6 +290,13 @@ def write_subject_lists(directory, training=(), validation=(), testing=()):
     return tuple(paths)
 
 # %% ../nbs/16_testing.ipynb
+def points_with_a_next(streamlines):
+    "Index (torch int64) of the points that have a next point in their streamline: every point but the last ones."
+    has_next = np.ones(streamlines.nb_points, bool)
+    has_next[streamlines.offsets + streamlines.lengths - 1] = False
+    return torch.from_numpy(np.flatnonzero(has_next))
+
+
 SUBSET_SIZES = {'training': 40, 'validation': 12, 'testing': 12}
 
 
@@ -371,11 +379,7 @@ class ToyTrainer(DWIMLAbstractTrainer):
     nan_at = None
 
     def compute_batch_loss(self, data, is_training):
-        s = data.streamlines
-        last = s.offsets + s.lengths - 1
-        has_next = np.ones(s.nb_points, bool)
-        has_next[last] = False
-        idx = torch.from_numpy(np.flatnonzero(has_next))
+        idx = points_with_a_next(data.streamlines)
         x = data.inputs.to(self.device)
         loss = torch.nn.functional.mse_loss(self.model(x[idx] / 10), (x[idx + 1] - x[idx]))
         if self.nan_at == (data.epoch, data.batch_index):
@@ -460,9 +464,7 @@ class NextStepTrainer(DWIMLAbstractTrainer):
     "The child class of the README: only compute_batch_loss (real StreamlineBatch from the real sampler)."
     def compute_batch_loss(self, data, is_training):
         s = data.streamlines
-        has_next = np.ones(s.nb_points, bool)
-        has_next[s.offsets + s.lengths - 1] = False
-        idx = torch.from_numpy(np.flatnonzero(has_next))
+        idx = points_with_a_next(s)
         points = torch.from_numpy(np.asarray(s.data, np.float32))
         x = points / 8 if data.inputs is None else data.inputs   # without inputs: where the point is
         loss = torch.nn.functional.mse_loss(self.model(x[idx]), points[idx + 1] - points[idx])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dwiml_nb.core import ConfigError
-from dwiml_nb.testing import (NextStepModel, NextStepTrainer, ToyModel, ToySampler, ToySubset, ToyTrainer,
+from dwiml_nb.testing import (NextStepModel, points_with_a_next, NextStepTrainer, ToyModel, ToySampler, ToySubset, ToyTrainer,
                               make_real_samplers, make_real_trainer, make_toy_trainer, write_tiny_hdf5)
 from dwiml_nb.trainer import TIMING_COLUMNS, experiment_paths, load_checkpoint
 
@@ -17,10 +17,7 @@ torch.set_num_threads(1)   # bitwise comparisons need the same reduction order
 class PointWeightedTrainer(ToyTrainer):
     "ToyTrainer whose batch weight is its number of points: then N batches' weighted mean is one big batch's loss."
     def compute_batch_loss(self, data, is_training):
-        s = data.streamlines
-        has_next = np.ones(s.nb_points, bool)
-        has_next[s.offsets + s.lengths - 1] = False
-        idx = torch.from_numpy(np.flatnonzero(has_next))
+        idx = points_with_a_next(data.streamlines)
         x = data.inputs.to(self.device)
         return torch.nn.functional.mse_loss(self.model(x[idx] / 10), x[idx + 1] - x[idx]), len(idx)
 
