@@ -29,8 +29,8 @@ __all__ = ['logger', 'PHANTOM_SHAPE', 'PHANTOM_VOXEL_SIZE', 'PHANTOM_BUNDLES', '
            'hemisphere_directions', 'orientation_samples', 'orientation_features', 'phantom_affine', 'phantom_subject',
            'vox_to_rasmm', 'rasmm_to_vox', 'tracking_mask', 'write_subject', 'split_subjects',
            'write_database_metadata', 'make_phantom_database', 'load_dipy_bundles', 'grid_around', 'make_dipy_database',
-           'DemoData', 'make_demo_dataset', 'demo_bundle_names', 'project_root', 'project_path', 'demo_hdf5',
-           'direction_alignment', 'make_demo_main']
+           'DemoData', 'make_demo_dataset', 'read_bundle_names', 'demo_bundle_names', 'project_root', 'project_path',
+           'demo_hdf5', 'direction_alignment', 'make_demo_main']
 
 # %% ../nbs/03_data.ipynb
 def hemisphere_directions(nb_directions=32):
@@ -571,20 +571,24 @@ def make_demo_dataset(out_dir, *, which='all', seed=1234, nb_subjects=8, overwri
     return result
 
 # %% ../nbs/03_data.ipynb
+def read_bundle_names(path):
+    "The JSON list of bundle names in `path` (index = ``bundle_id``); `DataError` naming the file otherwise."
+    try:
+        names = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise DataError(f'is not valid JSON ({e})', file=path) from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError('must hold a JSON list of bundle names (strings)', file=path)
+    return names
+
+
 def demo_bundle_names(hdf5_file):
     """The bundle names of a demo HDF5 file (list, index = ``bundle_id``), or None for another file.
 
     Read from `BUNDLE_NAMES_FILE` in the database directory `make_demo_dataset` wrote beside it.
     """
     path = Path(hdf5_file).with_suffix('') / BUNDLE_NAMES_FILE
-    if not path.is_file(): return None
-    try:
-        names = json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f'is not valid JSON ({e})', file=path) from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DataError('must hold a JSON list of bundle names (strings)', file=path)
-    return names
+    return read_bundle_names(path) if path.is_file() else None
 
 # %% ../nbs/03_data.ipynb
 def project_root(start=None):

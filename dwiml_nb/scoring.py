@@ -14,7 +14,7 @@ import numpy as np
 
 from .core import (ConfigError, DataError, PackedStreamlines, atomic_write, check_output_file, cli_parser,
                            positive_float, regular_input_file, run_cli, setup_logging)
-from .data import demo_bundle_names, orientation_samples
+from .data import demo_bundle_names, orientation_samples, read_bundle_names
 
 logger = logging.getLogger(__name__)
 
@@ -258,13 +258,7 @@ def _score_cli(argv=None):
     json_out = check_output_file(args.json, args.overwrite, ('.json',), option='--json') if args.json else None
     names = None
     if args.bundle_names:
-        path = regular_input_file(args.bundle_names, '--bundle_names')
-        try:
-            names = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(f'--bundle_names: is not valid JSON ({e})', file=path) from None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ConfigError('--bundle_names: must hold a JSON list of names', file=path)
+        names = read_bundle_names(regular_input_file(args.bundle_names, '--bundle_names'))
     scores = score_subject(args.tractogram, regular_input_file(args.hdf5_file, 'HDF5 file'), args.subject,
                            reference_group=args.reference_group, bundle_key=args.bundle_key, bundle_names=names,
                            mdf_threshold_mm=args.mdf_threshold)
