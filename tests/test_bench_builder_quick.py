@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_builder.py'
 
 
+@pytest.mark.slow
 def test_builder_benchmark_quick_mode():
     run = subprocess.run([sys.executable, str(BENCH), '--quick', '--json'], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

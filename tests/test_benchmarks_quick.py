@@ -31,6 +31,7 @@ def test_benchmarks_are_found():
     assert {'bench_interpolation.py', 'bench_loader.py', 'bench_training.py'} <= names, names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_quick_mode_prints_a_markdown_table(script):
     run = run_quick(script)

@@ -50,6 +50,7 @@ def test_every_option_has_a_text_and_its_default(script, monkeypatch):
             assert 'default' in text.lower(), f'{script} {name}: the help does not say the default'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['dwiml_train_model', 'dwiml_describe_hdf5'])
 def test_help_runs_as_a_command(script):
     exe = Path(sys.executable).parent / script

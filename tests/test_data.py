@@ -71,6 +71,7 @@ def demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_layout_config_and_splits(demo):
     assert (demo / DEMO_MARK).exists()
     for name, nb_subjects in (('phantom', 8), ('dipy', 6)):
@@ -173,6 +174,7 @@ def test_features_encode_the_fiber_direction(demo, name, min_alignment):
         assert scrambled < 0.7, (subj, scrambled)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_data(demo, tmp_path, run_here):
     # built again in this process, the fixture's build ran in another one
     code, err = run_here(tmp_path / 'again')
@@ -191,6 +193,7 @@ def test_same_seed_same_bytes_other_seed_other_data(demo, tmp_path, run_here):
         assert (tmp_path / 'other' / 'phantom' / f).read_bytes() != (demo / 'phantom' / f).read_bytes()
 
 
+@pytest.mark.slow
 def test_overwrite_semantics(tmp_path, run_here):
     out = tmp_path / 'out'
     assert run_here(out, '--which', 'phantom', '--nb_subjects', '3')[0] == 0

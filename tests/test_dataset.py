@@ -223,6 +223,7 @@ def read_in_worker(items):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('context', ['fork', 'spawn'])
 def test_dataloader_workers_read_correct_data(big_file, context):
     path, truth = big_file

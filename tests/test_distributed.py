@@ -133,6 +133,7 @@ def straight_run(tmp_path_factory, phantom):
     return tmp / 'exp', ranks, done
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_weights_after_every_step(straight_run):
     _, (r0, r1), _ = straight_run
     assert (r0['rank'], r1['rank'], r0['world_size']) == (0, 1, 2)
@@ -199,6 +200,7 @@ def test_logged_loss_is_the_weighted_mean_over_ranks(straight_run, phantom):
                                    epochs.train_loss[epoch], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_interrupted_two_rank_run_resumes_to_the_same_weights(tmp_path, phantom, straight_run):
     straight_exp, (s0, _), _ = straight_run
     exp = tmp_path / 'exp'
@@ -331,6 +333,7 @@ def check_shards(plan, points, world_size):
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.lists(st.lists(st.integers(1, 60), max_size=30), min_size=1, max_size=4), st.integers(2, 8),
        st.integers(20, 200), st.integers(1, 3), st.integers(0, 2**16))
+@pytest.mark.slow
 def test_shard_plan_properties_on_sampler_plans(costs, world_size, budget, nb_subjects, seed):
     points = [np.array(c, dtype=float) for c in costs]
     plan = plan_epoch(points, float(max(budget, max((max(c) for c in costs if c), default=1))),
@@ -354,6 +357,7 @@ def any_plan(draw):
     return plan, points
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(any_plan(), st.integers(2, 8))
 def test_shard_plan_properties_on_any_plan(plan_and_points, world_size):

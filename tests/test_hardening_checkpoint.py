@@ -93,6 +93,7 @@ def test_the_pristine_checkpoint_passes(pristine):
     assert load_checkpoint(pristine['root'].parent, 'exp')['position'] == {'epoch': 1, 'batches_done': 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, edit, message', [EDITS[1], EDITS[9]], ids=[EDITS[1][0], EDITS[9][0]])
 def test_resume_script_says_it_in_one_line(tmp_path, pristine, name, edit, message):
     paths = _copy_experiment(pristine, tmp_path)
@@ -119,6 +120,7 @@ def _tensor_bytes_offset(path):
     return entry.header_offset + 30 + len(entry.filename) + extra, entry.file_size
 
 
+@pytest.mark.slow
 def test_a_flipped_bit_in_a_tensor_is_refused_by_the_checksum(tmp_path, pristine):
     paths = _copy_experiment(pristine, tmp_path)
     start, size = _tensor_bytes_offset(paths['checkpoint'])

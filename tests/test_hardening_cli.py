@@ -78,12 +78,14 @@ def bad_argument_runs(tmp_path_factory):
 
 @pytest.mark.parametrize('case', range(len(BAD_ARGUMENTS)),
                          ids=[f'{s.split("_")[1]}{" ".join(a)}' for s, a, _ in BAD_ARGUMENTS])
+@pytest.mark.slow
 def test_bad_argument_is_one_line_and_exit_2(bad_argument_runs, case):
     script, _, message = BAD_ARGUMENTS[case]
     line = assert_one_line_error(bad_argument_runs[case], message)
     assert line.startswith(f'error: {script}: ') and f'(see {script} --help)' in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['..', '.', '', 'a/b', '/abs/run', '../outside'])
 def test_train_script_refuses_an_experiment_name_that_is_not_a_folder_name(tmp_path, name):
     exps = tmp_path / 'exps'
@@ -109,6 +111,7 @@ def test_trainer_refuses_a_bad_name_before_deleting_anything(tmp_path, name):
     assert (tmp_path / 'logs' / 'keep.txt').read_text() == 'mine'
 
 
+@pytest.mark.slow
 def test_train_script_refuses_an_experiments_path_under_a_file(tmp_path):
     (tmp_path / 'a_file').write_text('x')
     run = run_script(TRAIN, tmp_path / 'a_file' / 'exps', 'run', tmp_path / 'missing.hdf5', 'input', 'streamlines')
@@ -118,6 +121,7 @@ def test_train_script_refuses_an_experiments_path_under_a_file(tmp_path):
     assert_one_line_error(run, 'experiments_path is not a folder')
 
 
+@pytest.mark.slow
 def test_train_script_refuses_a_read_only_experiments_path(tmp_path, read_only_folder):
     parent = read_only_folder
     try:
@@ -137,6 +141,7 @@ def experiments(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_resume_of_a_missing_experiment_lists_those_that_exist(experiments):
     with pytest.raises(CheckpointError, match=r"run_c': no such experiment folder; the experiments in '.*' are: "
                                               r'run_a, run_b$'):
@@ -147,6 +152,7 @@ def test_resume_of_a_missing_experiment_lists_those_that_exist(experiments):
     assert not (experiments / 'run_c').exists()
 
 
+@pytest.mark.slow
 def test_resume_with_a_bad_name_or_path(tmp_path, experiments):
     run = run_script(RESUME, experiments, '..')
     assert_one_line_error(run, "experiment name '..' is not a folder name")
@@ -184,6 +190,7 @@ def test_a_fifo_as_the_builders_config_is_refused_not_waited_on(tmp_path):
 
 @pytest.mark.parametrize('script, argv', [(TRAIN, ['x' * 300, 'run', 'missing.hdf5', 'input', 'streamlines']),
                                           (RESUME, ['x' * 300, 'run'])])
+@pytest.mark.slow
 def test_a_path_the_system_refuses_is_one_line(tmp_path, script, argv):
     run = subprocess.run([BIN / script, *argv], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert_one_line_error(run, 'too long')

@@ -57,6 +57,7 @@ def test_a_real_empty_validation_subset_is_refused(tmp_path):
     assert str(hdf5) in str(err.value)
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_left_to_do_says_so(one_epoch):
     before = snapshot(one_epoch / 'exp')
     with pytest.raises(ConfigError, match=r'already trained 1 epoch\(s\) and max_epochs is 1: nothing to do; pass '
@@ -112,6 +113,7 @@ def start_holder(path, workers=0):
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_busy_experiment_is_refused_at_once(tmp_path):
     proc = start_holder(tmp_path)
     try:
@@ -137,6 +139,7 @@ def test_a_second_trainer_on_a_busy_experiment_is_refused_at_once(tmp_path):
     assert len(resume(tmp_path, new_max_epochs=3).train_and_validate()) == 3   # free again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_a_killed_trainer_leaves_no_lock(tmp_path, workers):
     proc = start_holder(tmp_path, workers)
@@ -223,6 +226,7 @@ def test_the_checkpoint_records_the_absolute_hdf5_path_and_its_fingerprint(tmp_p
     assert len(resume_experiment(exps, 'exp', new_max_epochs=2, progress=False).train_and_validate()) == 2
 
 
+@pytest.mark.slow
 def test_a_moved_hdf5_file_is_named_with_hdf5_file(tmp_path, monkeypatch):
     from dwiml_nb.trainer import resume_experiment
     exps, hdf5 = _real_experiment(tmp_path, monkeypatch)
@@ -237,6 +241,7 @@ def test_a_moved_hdf5_file_is_named_with_hdf5_file(tmp_path, monkeypatch):
     assert ckpt['position']['epoch'] == 2 and ckpt['hdf5_file'] == str(moved)
 
 
+@pytest.mark.slow
 def test_a_rebuilt_hdf5_file_is_refused_unless_accepted(tmp_path, monkeypatch):
     import h5py
     from dwiml_nb.trainer import resume_experiment

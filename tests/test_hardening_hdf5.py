@@ -131,6 +131,7 @@ def flip_in_chunk(src, dst, dataset):
     return dst
 
 
+@pytest.mark.slow
 def test_built_datasets_carry_checksums_and_plain_h5py_reads_them(built):
     with h5py.File(built, 'r') as f:
         names = []
@@ -266,6 +267,7 @@ def assert_names(message, path, subject, group):
     assert 'truncated or corrupted' not in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(CASES))
 @pytest.mark.parametrize('reader', ['ram', 'lazy', 'describe'])
 def test_crafted_file_is_refused_naming_what_is_wrong(tmp_path, case, reader):

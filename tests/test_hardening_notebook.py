@@ -26,6 +26,7 @@ def _snapshot(root):
     return {p: p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('text', ['false', 'no', 'False '])
 def test_a_text_overwrite_fails_fast_and_deletes_nothing(tmp_path, text):
     make_toy_trainer(tmp_path / 'exps', 'exp', max_epochs=1).train_and_validate()
@@ -40,6 +41,7 @@ def test_a_text_overwrite_fails_fast_and_deletes_nothing(tmp_path, text):
     assert _snapshot(tmp_path / 'exps') == before
 
 
+@pytest.mark.slow
 def test_a_text_max_epochs_fails_fast(tmp_path):
     err, cells, ran = _run(tmp_path, max_epochs='ten', resume='True')
     assert err.ename == 'ConfigError'

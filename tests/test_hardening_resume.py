@@ -42,6 +42,7 @@ def _crafted(tmp_path, toy_experiment, field, value):
     return out
 
 
+@pytest.mark.slow
 def test_resume_never_imports_a_module_the_checkpoint_names(tmp_path, toy_experiment):
     cases = [(field, value) for field in ('trainer_class', 'model_class') for value in CRAFTED]
     for i, (field, value) in enumerate(cases):
@@ -66,6 +67,7 @@ def test_resume_never_imports_a_module_the_checkpoint_names(tmp_path, toy_experi
         assert not (tmp_path / str(i) / 'pwned').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('value', ['this:x', '__hello__:x'])
 def test_console_script_prints_one_line_and_runs_nothing(tmp_path, toy_experiment, value):
     ckpt = _crafted(tmp_path, toy_experiment, 'model_class', value)
@@ -78,6 +80,7 @@ def test_console_script_prints_one_line_and_runs_nothing(tmp_path, toy_experimen
     assert f'pass --import {value.partition(":")[0]} if that module of yours defines it' in lines[0]
 
 
+@pytest.mark.slow
 def test_a_class_of_a_user_module_needs_import(tmp_path, toy_experiment):
     ckpt_file = experiment_paths(toy_experiment, 'exp')['checkpoint']
     target = experiment_paths(tmp_path, 'exp')['root']
@@ -95,6 +98,7 @@ def test_a_class_of_a_user_module_needs_import(tmp_path, toy_experiment):
     assert torch.load(experiment_paths(tmp_path, 'exp')['checkpoint'], weights_only=True)['position']['epoch'] == 2
 
 
+@pytest.mark.slow
 def test_import_of_a_missing_module_is_one_line(tmp_path, toy_experiment):
     run = subprocess.run([RESUME, toy_experiment, 'exp', '--import', 'no_such_module_of_mine'],
                          capture_output=True, text=True, env=_env(), timeout=120)
@@ -103,6 +107,7 @@ def test_import_of_a_missing_module_is_one_line(tmp_path, toy_experiment):
                                   "(ModuleNotFoundError: No module named 'no_such_module_of_mine')")
 
 
+@pytest.mark.slow
 def test_main_classes_keep_their_message(tmp_path, toy_experiment):
     _crafted(tmp_path, toy_experiment, 'model_class', '__main__:NotebookModel')
     run = subprocess.run([RESUME, tmp_path, 'exp'], capture_output=True, text=True, env=_env(), timeout=120)

@@ -509,6 +509,7 @@ def run(script, *args):
     return subprocess.run([str(BIN / script), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_scripts_build_and_describe(trk_db, tmp_path):
     lists = write_subject_lists(tmp_path / 'lists', *SPLIT)
     config = tmp_path / 'config.json'
@@ -531,6 +532,7 @@ def test_scripts_build_and_describe(trk_db, tmp_path):
     assert r.returncode == 2 and 'already exists' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_scripts_bad_input_exit_2_without_traceback(trk_db, tmp_path):
     config = tmp_path / 'config.json'
     config.write_text(json.dumps({**trk_db['config'], 'conn': {'type': 'streamlines', 'files': ['x.trk'],

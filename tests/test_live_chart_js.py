@@ -74,6 +74,7 @@ def _wait_for(page, js, timeout=20_000):
     page.wait_for_function(js, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_live_chart_grows_and_follows_its_controls(page):
     run = _toy_run()
     plotly_js = files('plotly').joinpath('package_data', 'plotly.min.js').read_text(encoding='utf-8')

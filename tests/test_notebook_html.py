@@ -47,6 +47,7 @@ def _chart_cell(nb_path):
     return cells[0]
 
 
+@pytest.mark.slow
 def test_the_live_chart_grew_while_the_notebook_trained(executed_notebook):
     text = ''.join(''.join(o.get('text', '')) for o in _outputs(executed_notebook) if o.get('output_type') == 'stream')
     lengths = json.loads(re.search(r'live chart points: (\{.*\})', text).group(1))
@@ -124,6 +125,7 @@ def _open_offline(html_file):
             browser.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['jupyter nbconvert', 'export_notebook_html'])
 def test_the_html_export_shows_the_curves_offline(executed_notebook, tmp_path, how):
     _chromium()

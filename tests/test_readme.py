@@ -102,6 +102,7 @@ def demo_done(checkout):
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_the_two_readme_commands(demo_done, checkout):
     # The epochs stream to the terminal while papermill runs the notebook.
     assert 'INFO dwiml_nb.trainer: epoch 0: train loss' in demo_done
@@ -114,6 +115,7 @@ def test_the_two_readme_commands(demo_done, checkout):
     assert (checkout / 'runs' / 'experiments' / 'demo' / 'best_model' / 'model_state.pt').exists()
 
 
+@pytest.mark.slow
 def test_quick_tour_trains_and_resumes(demo_done, checkout):
     tour = shorter(block('python', 'from dwiml_nb.dataset import MultiSubjectDataset\nfrom dwiml_nb.sampler'),
                    ('max_epochs=8', 'max_epochs=1'), ('new_max_epochs=12', 'new_max_epochs=2'))
@@ -142,6 +144,7 @@ def make_readme_database(checkout):
     return db
 
 
+@pytest.mark.slow
 def test_building_and_loading_an_hdf5_dataset(demo_done, checkout):
     make_readme_database(checkout)
     (checkout / 'config.json').write_text(block('json', '{"input"'))
@@ -167,6 +170,7 @@ def test_building_and_loading_an_hdf5_dataset(demo_done, checkout):
     assert 'batches ok' in run(f'{sys.executable} loading.py', checkout).stdout
 
 
+@pytest.mark.slow
 def test_demo_data_command(demo_done, checkout):
     run(block('bash', 'dwiml_make_demo_dataset demo/'), checkout)
     for name in ('phantom', 'dipy'):
@@ -176,6 +180,7 @@ def test_demo_data_command(demo_done, checkout):
 SHORT_EPOCHS = ' --max_batches_per_epoch_training 3 --max_batches_per_epoch_validation 2'
 
 
+@pytest.mark.slow
 def test_script_training_and_resume(demo_done, checkout):
     commands = block('bash', 'dwiml_train_model experiments run2').strip().splitlines()
     for command in commands:   # both commands, each with epochs cut to 3 batches
@@ -184,6 +189,7 @@ def test_script_training_and_resume(demo_done, checkout):
     assert len(epochs) == 1 + 6
 
 
+@pytest.mark.slow
 def test_notebook_with_papermill(demo_done, checkout):
     for command in block('bash', '.venv/bin/papermill nbs/train_model.ipynb runs/train.ipynb').strip().splitlines():
         run(command + ' -p max_batches_per_epoch 2 -p progress False', checkout)
@@ -193,6 +199,7 @@ def test_notebook_with_papermill(demo_done, checkout):
     assert not (checkout / 'nbs' / 'demo').exists() and not (checkout / 'nbs' / 'experiments').exists()
 
 
+@pytest.mark.slow
 def test_visualize_batch_and_logs(demo_done, checkout):
     test_quick_tour_ran = (checkout / 'experiments' / 'run1').exists() and (checkout / 'experiments' / 'run2').exists()
     if not test_quick_tour_ran:
@@ -205,6 +212,7 @@ def test_visualize_batch_and_logs(demo_done, checkout):
     assert 'plotly' in (checkout / 'curves.html').read_text()[:200_000].lower()
 
 
+@pytest.mark.slow
 def test_torchrun_command(demo_done, checkout):
     command = block('bash', 'torchrun --standalone').replace('\\\n', ' ')
     run(command.strip() + SHORT_EPOCHS, checkout)

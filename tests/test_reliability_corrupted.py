@@ -100,6 +100,7 @@ def dwiml_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_bit_flipped_or_truncated_hdf5_is_refused_or_read_never_crashes(dwiml_file, tmp_path):
     size = dwiml_file.stat().st_size
     rng = np.random.default_rng(0)
@@ -117,6 +118,7 @@ def test_bit_flipped_or_truncated_hdf5_is_refused_or_read_never_crashes(dwiml_fi
     assert all(o.startswith('refused') for o in outcomes[0])
 
 
+@pytest.mark.slow
 def test_bit_flipped_or_truncated_checkpoint_is_refused_or_read_never_crashes(tmp_path):
     make_toy_trainer(tmp_path / 'run', 'exp', max_epochs=1).train_and_validate()
     ckpt = experiment_paths(tmp_path / 'run', 'exp')['checkpoint']

@@ -68,6 +68,7 @@ def write_database(root, spec):
     return config, truth
 
 
+@pytest.mark.slow
 @FUZZ
 @given(spec=databases())
 def test_builder_round_trip_is_exact(spec):
@@ -146,6 +147,7 @@ def batch_cost(info, ids, units, resampling):
     return int(estimate_nb_points(info.lengths[ids], info.euclidean_lengths[ids], **resampling).sum())
 
 
+@pytest.mark.slow
 @FUZZ
 @given(case=sampler_cases())
 def test_sampler_plans_and_batches_honour_their_contract(fuzz_dir, case):
@@ -221,6 +223,7 @@ def test_sampler_plans_and_batches_honour_their_contract(fuzz_dir, case):
 @FUZZ
 @given(batch_size=st.one_of(st.integers(-3, 0), st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not x > 0)),
        ratio=st.one_of(st.floats(-2, -1e-9), st.floats(1 + 1e-9, 5), st.just(float('nan'))))
+@pytest.mark.slow
 def test_sampler_refuses_nonsense_with_a_config_error(fuzz_dir, batch_size, ratio):
     path = fuzz_dir / 'refuse.hdf5'
     if not path.exists():

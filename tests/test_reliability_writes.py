@@ -121,6 +121,7 @@ def killed_build(build_inputs, out, *extra):
     return args
 
 
+@pytest.mark.slow
 def test_build_killed_mid_subject_leaves_no_file_and_the_next_run_rebuilds(build_inputs, tmp_path):
     out = tmp_path / 'out' / 'dataset.hdf5'
     args = killed_build(build_inputs, out)
@@ -138,6 +139,7 @@ def test_build_killed_mid_subject_leaves_no_file_and_the_next_run_rebuilds(build
     same_hdf5_content(out, build_inputs[3])
 
 
+@pytest.mark.slow
 def test_overwrite_killed_mid_subject_keeps_the_previous_file(build_inputs, tmp_path):
     out = tmp_path / 'dataset.hdf5'
     previous = build_inputs[3].read_bytes()
@@ -190,6 +192,7 @@ def straight_toy_run(tmp_path_factory):
 
 # With 5 batches an epoch and a checkpoint every 2 batches, the checkpoints are written at
 # (epoch, batches_done) = (0, 2), (0, 4), (1, 0), (1, 2), ...: the 4th write is killed, the 3rd stands.
+@pytest.mark.slow
 @pytest.mark.parametrize('moment', ['before_fsync', 'before_rename'])
 def test_trainer_killed_mid_checkpoint_write_keeps_the_previous_one_and_resumes_exactly(
         tmp_path, straight_toy_run, moment):

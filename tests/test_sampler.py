@@ -403,6 +403,7 @@ def test_get_params_rebuilds_the_same_sampler(hdf5_file):
                         [sampler.load_batch(p) for p in sampler.epoch_plan(1)[:3]])
 
 
+@pytest.mark.slow
 def test_the_loader_benchmark_reports_both_neighbourhoods():
     "bench_loader --quick --json: every neighbourhood measured, with its baseline and the worker ratio."
     import json

@@ -90,6 +90,7 @@ def test_score_tractogram_by_hand():
     json.dumps(scores)                                         # JSON-able as it is
 
 
+@pytest.mark.slow
 def test_the_reference_scores_perfectly_against_itself(dipy_demo):
     hdf5 = dipy_demo.hdf5_files['dipy']
     from dwiml_nb.dataset import MultiSubjectDataset
@@ -104,6 +105,7 @@ def test_the_reference_scores_perfectly_against_itself(dipy_demo):
     np.testing.assert_allclose(scores['length_mm']['mean'], scores['reference_length_mm']['mean'])
 
 
+@pytest.mark.slow
 def test_script_table_json_and_formats(dipy_demo, tmp_path, capsys):
     hdf5 = dipy_demo.hdf5_files['dipy']
     trk = dipy_demo.database_dirs['dipy'] / 'sub_4' / 'tractograms' / 'CST_R.trk'

@@ -147,6 +147,7 @@ def run_python(code):
                           cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_importing_the_module_imports_no_tracker_package():
     result = run_python("""
         import sys
@@ -162,6 +163,7 @@ def test_importing_the_module_imports_no_tracker_package():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, package', [('tensorboard', 'tensorboard'), ('comet', 'comet_ml')])
 def test_a_missing_package_gives_a_config_error_naming_what_to_install(name, package):
     result = run_python(f"""
@@ -191,6 +193,7 @@ def test_unknown_tracker_and_tracker_without_folder_are_refused():
         TensorBoardTracker().log_metrics({'a': 1.0}, step=0)
 
 
+@pytest.mark.slow
 def test_only_rank_0_logs_in_a_distributed_run(tmp_path):
     script = textwrap.dedent("""
         import sys, types

@@ -28,6 +28,7 @@ def _papermill(out_nb, cwd, **params):
                                kernel_name='python3', cwd=str(cwd), progress_bar=False)
 
 
+@pytest.mark.slow
 def test_training_notebook_runs_then_resumes_the_same_experiment(tmp_path, phantom):
     common = dict(hdf5_file=str(phantom), experiments_path=str(tmp_path / 'exp'), experiment_name='nb',
                   batch_size=30, max_batches_per_epoch=3, num_workers=0, seed=7)
@@ -48,6 +49,7 @@ def test_training_notebook_runs_then_resumes_the_same_experiment(tmp_path, phant
     assert any('injected-parameters' in c['metadata'].get('tags', []) for c in executed['cells'])
 
 
+@pytest.mark.slow
 def test_training_notebook_refuses_to_overwrite_an_experiment(tmp_path, phantom):
     import papermill as pm
     common = dict(hdf5_file=str(phantom), experiments_path=str(tmp_path / 'exp'), experiment_name='nb',
@@ -57,6 +59,7 @@ def test_training_notebook_refuses_to_overwrite_an_experiment(tmp_path, phantom)
         _papermill(tmp_path / 'again.ipynb', tmp_path, **common)
 
 
+@pytest.mark.slow
 def test_train_script_then_resume_script(tmp_path, phantom):
     exp = tmp_path / 'exp'
     run = subprocess.run([BIN / 'dwiml_train_model', exp, 'cli', phantom, 'input', 'streamlines',
@@ -73,6 +76,7 @@ def test_train_script_then_resume_script(tmp_path, phantom):
 
 @pytest.mark.parametrize('script', ['dwiml_train_model', 'dwiml_resume_training_from_checkpoint',
                                     'dwiml_create_hdf5_dataset', 'dwiml_describe_hdf5', 'dwiml_make_demo_dataset'])
+@pytest.mark.slow
 def test_every_script_has_help(script):
     run = subprocess.run([BIN / script, '--help'], capture_output=True, text=True)
     assert run.returncode == 0 and 'usage' in run.stdout.lower(), run.stderr

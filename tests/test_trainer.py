@@ -96,6 +96,7 @@ def toy_run(straight_runs):
     return straight_runs('toy')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_stop_at_2_then_resume_to_4_is_bitwise_identical(tmp_path, straight_run, hdf5_file, num_workers):
     kind = straight_run[2]
@@ -169,6 +170,7 @@ KILL_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_sigkill_mid_epoch_then_resume_script_is_bitwise_identical(tmp_path, straight_runs, hdf5_file, num_workers):
     # The real stack (HDF5, MultiSubjectDataset, BatchStreamlinesSamplerOneInput), killed after batch

@@ -134,6 +134,7 @@ def test_a_batch_without_record_says_so_instead_of_guessing(sampler):
         assert (view.colors == viz_batch.NO_DIRECTION_GREY).all()
 
 
+@pytest.mark.slow
 def test_render_to_png_is_not_blank_and_follows_colouring_and_augmentation(sampler, can_render, tmp_path):
     png = tmp_path / 'out' / 'batch.png'
     after = render_batch_png(sampler, png, size=SIZE, color_by='streamline', annotated=False)
@@ -321,6 +322,7 @@ inspector.controls['color_by'].value = 'subject'
 '''
 
 
+@pytest.mark.slow
 def test_live_canvas_in_a_real_kernel_draws_and_follows_the_controls(can_render, tmp_path):
     "In a Jupyter kernel (papermill), the inspector shows FURY's jupyter_rfb canvas, rendered in the kernel."
     pytest.importorskip('jupyter_rfb')

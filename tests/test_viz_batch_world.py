@@ -74,6 +74,7 @@ def test_the_slice_is_the_one_most_streamlines_cross_and_sits_in_world_space(tru
         assert counts[test_index] == counts.max()
 
 
+@pytest.mark.slow
 def test_inspector_picks_the_densest_slice_until_the_user_moves_it(truth_and_sampler):
     _, sampler = truth_and_sampler
     inspector = BatchInspector(sampler, render=False, live=False)
@@ -132,6 +133,7 @@ def test_annotate_burns_the_title_and_key_into_the_picture(truth_and_sampler):
     assert red.sum() > 50                          # the x (R/L) swatch of the orientation key
 
 
+@pytest.mark.slow
 def test_renders_make_their_own_runtime_directory(tmp_path, can_render):
     "wgpu complains on stderr when XDG_RUNTIME_DIR is missing: a render sets up a private one first."
     code = ('import numpy as np\n'

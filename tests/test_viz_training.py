@@ -31,6 +31,7 @@ def _cli(*args, env=None):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_html_compares_both_experiments(experiments, tmp_path):
     run = _cli(experiments / 'adam_fast', experiments / 'adam_slow', '--save', tmp_path / 'logs.html', '--smooth', 3)
     assert run.returncode == 0, run.stderr
@@ -42,6 +43,7 @@ def test_html_compares_both_experiments(experiments, tmp_path):
     assert 'src="https://cdn.plot.ly' not in page   # plotly.js inline: opens offline
 
 
+@pytest.mark.slow
 def test_png_is_a_picture_of_the_right_size(experiments, tmp_path):
     if find_chromium() is None:
         pytest.skip('Chromium is not installed (Debian: apt-get install chromium): PNG export unavailable')
@@ -57,6 +59,7 @@ def test_png_is_a_picture_of_the_right_size(experiments, tmp_path):
     assert (tmp_path / 'logs.html').exists()
 
 
+@pytest.mark.slow
 def test_png_without_chromium_is_a_clear_error(experiments, tmp_path):
     env = {**os.environ, 'PATH': str(Path(sys.executable).parent)}
     run = _cli(experiments / 'adam_fast', '--save', tmp_path / 'logs.png', env=env)
@@ -199,6 +202,7 @@ def test_live_chart_outside_jupyter_costs_nothing_and_follows_a_resume(tmp_path)
     assert (np.diff(t) > 0).all()
 
 
+@pytest.mark.slow
 def test_importing_and_the_no_display_callback_do_not_import_plotly(tmp_path):
     code = ('import sys, torch; torch.set_num_threads(1)\n'
             'from dwiml_nb.testing import make_toy_trainer\n'
