@@ -53,11 +53,11 @@ def tiny_hdf5(tmp_path):
 
 @pytest.fixture
 def toy_trainer(tmp_path):
-    "A factory: ``toy_trainer(**trainer_kwargs)`` -> a `ToyTrainer` writing under this test's folder."
+    "A factory: ``toy_trainer(name='exp', **trainer_kwargs)`` -> a `ToyTrainer` whose experiments path is `tmp_path`."
     from dwiml_nb.testing import make_toy_trainer
 
     def make(experiment_name='exp', **kwargs):
-        return make_toy_trainer(tmp_path / 'experiments', experiment_name, **kwargs)
+        return make_toy_trainer(tmp_path, experiment_name, **kwargs)
     return make
 
 

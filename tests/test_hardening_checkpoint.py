@@ -158,8 +158,8 @@ def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, pristine, 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 
 
-def test_checkpoint_rng_states_have_the_cuda_states_exactly_when_cuda_is_initialized(tmp_path):
-    make_toy_trainer(tmp_path, 'exp', max_epochs=1).train_and_validate()
+def test_checkpoint_rng_states_have_the_cuda_states_exactly_when_cuda_is_initialized(tmp_path, toy_trainer):
+    toy_trainer('exp', max_epochs=1).train_and_validate()
     ckpt = load_checkpoint(tmp_path, 'exp')
     for states in (ckpt['rng_states'], *ckpt['rng_states_per_rank']):
         assert {'torch', 'numpy', 'python'} <= set(states)
@@ -191,11 +191,11 @@ def test_cuda_states_resumed_without_cuda_restore_the_rest_and_warn(monkeypatch,
 
 @pytest.mark.cuda
 @needs_cuda
-def test_mid_epoch_resume_on_the_gpu_is_exact_with_dropout(tmp_path):
+def test_mid_epoch_resume_on_the_gpu_is_exact_with_dropout(tmp_path, toy_trainer):
     """Dropout on the GPU draws from the CUDA generator: only its state in the checkpoint makes a
     resume from the middle of an epoch give bitwise the weights of an uninterrupted run."""
     run = dict(max_epochs=2, checkpoint_every_n_batches=2, device='cuda')
-    straight = make_toy_trainer(tmp_path, 'straight', **run)
+    straight = toy_trainer('straight', **run)
     straight.train_and_validate()
 
     class Crash:
@@ -203,7 +203,7 @@ def test_mid_epoch_resume_on_the_gpu_is_exact_with_dropout(tmp_path):
             if (record['epoch'], record['batch']) == (1, 2): raise RuntimeError('crash after a checkpoint')
 
     with pytest.raises(RuntimeError, match='crash after a checkpoint'):
-        make_toy_trainer(tmp_path, 'crashed', callbacks=[Crash()], **run).train_and_validate()
+        toy_trainer('crashed', callbacks=[Crash()], **run).train_and_validate()
     assert load_checkpoint(tmp_path, 'crashed')['position'] == {'epoch': 1, 'batches_done': 2}
     assert 'cuda' in load_checkpoint(tmp_path, 'crashed')['rng_states']
     torch.cuda.manual_seed_all(4321)   # the GPU's generator moved on: the checkpoint must put it back

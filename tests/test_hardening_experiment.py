@@ -114,7 +114,7 @@ def start_holder(path, workers=0):
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_a_busy_experiment_is_refused_at_once(tmp_path):
+def test_a_second_trainer_on_a_busy_experiment_is_refused_at_once(tmp_path, toy_trainer):
     proc = start_holder(tmp_path)
     try:
         lock = (tmp_path / 'exp' / '.lock')
@@ -124,7 +124,7 @@ def test_a_second_trainer_on_a_busy_experiment_is_refused_at_once(tmp_path):
         with pytest.raises(ConfigError, match=message):   # a resume of it
             resume(tmp_path, new_max_epochs=3).train_and_validate()
         with pytest.raises(ConfigError, match=message):   # a new run that would delete it
-            make_toy_trainer(tmp_path, 'exp', overwrite=True)
+            toy_trainer('exp', overwrite=True)
         run = subprocess.run([RESUME, tmp_path, 'exp', '--import', 'dwiml_nb.testing', '--no_progress',
                               '--new_max_epochs', '3'], capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and 'Traceback' not in run.stderr

@@ -28,9 +28,8 @@ def rebuild(path, seed, **kwargs):
 
 # --- A. fingerprint: a lazy reader refuses a file rebuilt since load ---
 
-def test_fingerprint_is_stable_and_changes_with_content(tmp_path):
-    path = tmp_path / 'a.hdf5'
-    write_dwiml_hdf5(path)
+def test_fingerprint_is_stable_and_changes_with_content(tmp_path, dwiml_file):
+    path, _ = dwiml_file
     fp = hdf5_fingerprint(path)
     assert fp == hdf5_fingerprint(path) and len(fp) == 16
     with h5py.File(path, 'r+') as f:  # one value in the middle of a volume's first slab
@@ -44,17 +43,15 @@ def test_fingerprint_is_stable_and_changes_with_content(tmp_path):
 
 
 @pytest.mark.parametrize('lazy', [False, True])
-def test_dataset_keeps_the_fingerprint(tmp_path, lazy):
-    path = tmp_path / 'a.hdf5'
-    write_dwiml_hdf5(path)
+def test_dataset_keeps_the_fingerprint(tmp_path, lazy, dwiml_file):
+    path, _ = dwiml_file
     ds = load(path, lazy)
     assert ds.fingerprint == hdf5_fingerprint(path)
     ds.close()
 
 
-def test_reopen_after_rebuild_is_refused(tmp_path):
-    path = tmp_path / 'a.hdf5'
-    write_dwiml_hdf5(path)
+def test_reopen_after_rebuild_is_refused(tmp_path, dwiml_file):
+    path, _ = dwiml_file
     subset = load(path, lazy=True).training_set
     subset.get_streamlines(0, 'streamlines', [0])
     rebuild(path, seed=5)
@@ -65,9 +62,8 @@ def test_reopen_after_rebuild_is_refused(tmp_path):
     subset.close()
 
 
-def test_forked_child_refuses_a_rebuilt_file(tmp_path):
-    path = tmp_path / 'a.hdf5'
-    write_dwiml_hdf5(path)
+def test_forked_child_refuses_a_rebuilt_file(tmp_path, dwiml_file):
+    path, _ = dwiml_file
     subset = load(path, lazy=True).training_set
     subset.get_volume(0, 'input')  # the parent's handle is open
     rebuild(path, seed=6)
@@ -95,9 +91,8 @@ def read_one(items):
     return [subset.get_streamlines(i, 'streamlines', [0]) for i in items]
 
 
-def test_dataloader_workers_refuse_a_rebuilt_file(tmp_path):
-    path = tmp_path / 'a.hdf5'
-    write_dwiml_hdf5(path)
+def test_dataloader_workers_refuse_a_rebuilt_file(tmp_path, dwiml_file):
+    path, _ = dwiml_file
     subset = load(path, lazy=True).training_set
     loader = DataLoader(subset, batch_sampler=[[0], [1]], collate_fn=read_one, num_workers=2,
                         multiprocessing_context='fork')
@@ -280,9 +275,8 @@ def test_crafted_file_is_refused_naming_what_is_wrong(tmp_path, case, reader):
 
 
 @pytest.mark.parametrize('lazy', [False, True])
-def test_point_far_outside_the_volume_is_refused(tmp_path, lazy):
-    path = tmp_path / 'far.hdf5'
-    write_dwiml_hdf5(path)
+def test_point_far_outside_the_volume_is_refused(tmp_path, lazy, dwiml_file):
+    path, _ = dwiml_file
     with h5py.File(path, 'a') as f:
         f['sub-01/streamlines/data'][5] = [1e8, 2, 2]
     with pytest.raises(DataError, match=r'outside the volume \[6, 7, 5\] plus 1.0 voxel') as e:
@@ -292,9 +286,8 @@ def test_point_far_outside_the_volume_is_refused(tmp_path, lazy):
 
 
 @pytest.mark.parametrize('lazy', [False, True])
-def test_big_endian_data_is_read_as_native(tmp_path, lazy):
-    path = tmp_path / 'be.hdf5'
-    truth = write_dwiml_hdf5(path)
+def test_big_endian_data_is_read_as_native(tmp_path, lazy, dwiml_file):
+    path, truth = dwiml_file
     with h5py.File(path, 'a') as f:
         for name in ('sub-01/input/data', 'sub-01/streamlines/data', 'sub-01/streamlines/offsets'):
             replace(f[name.rsplit('/', 1)[0]], name.rsplit('/', 1)[1], f[name][()].astype(f[name].dtype.newbyteorder('>')))
@@ -309,9 +302,8 @@ def test_big_endian_data_is_read_as_native(tmp_path, lazy):
 
 
 @pytest.mark.parametrize('how', ['missing', 'nan', 'negative'])
-def test_bad_euclidean_lengths_are_recomputed_with_a_warning(tmp_path, caplog, how):
-    path = tmp_path / 'euclid.hdf5'
-    truth = write_dwiml_hdf5(path)
+def test_bad_euclidean_lengths_are_recomputed_with_a_warning(tmp_path, caplog, how, dwiml_file):
+    path, truth = dwiml_file
     with h5py.File(path, 'a') as f:
         g = f['sub-01/streamlines']
         if how == 'missing': del g['euclidean_lengths']

@@ -199,7 +199,7 @@ def test_hdf5_of_another_tool_is_refused_with_file_and_reason(tmp_path, make, ma
     assert 'foreign.hdf5' in str(e.value)
 
 
-def test_groups_config_that_is_code_is_never_evaluated(tmp_path):
+def test_groups_config_that_is_code_is_never_evaluated(tmp_path, toy_trainer):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.hdf5'
     _dwiml_like_with_foreign_values(path, groups_config=f"__import__('os').system('touch {marker}')")
@@ -221,8 +221,8 @@ class _RunsCode:
 
 
 @pytest.fixture
-def one_epoch(tmp_path):
-    make_toy_trainer(tmp_path, 'exp', max_epochs=1).train_and_validate()
+def one_epoch(tmp_path, toy_trainer):
+    toy_trainer('exp', max_epochs=1).train_and_validate()
     return tmp_path, experiment_paths(tmp_path, 'exp')['checkpoint']
 
 

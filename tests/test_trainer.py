@@ -140,7 +140,7 @@ def test_checkpoint_loads_weights_only_and_holds_the_run(toy_run):
     assert len(ckpt['history']) == 4 and ckpt['best_epoch'] in range(4)
 
 
-def test_mid_epoch_checkpoint_position_is_what_the_loop_consumed(tmp_path):
+def test_mid_epoch_checkpoint_position_is_what_the_loop_consumed(tmp_path, toy_trainer):
     seen = []
 
     class Probe:
@@ -148,7 +148,7 @@ def test_mid_epoch_checkpoint_position_is_what_the_loop_consumed(tmp_path):
             if (record['epoch'], record['batch']) == (1, 1):
                 seen.append(load_checkpoint(tmp_path, 'exp'))
 
-    make_toy_trainer(tmp_path, 'exp', max_epochs=2, num_workers=2, callbacks=[Probe()], **RUN).train_and_validate()
+    toy_trainer('exp', max_epochs=2, num_workers=2, callbacks=[Probe()], **RUN).train_and_validate()
     ckpt, = seen
     assert ckpt['position'] == {'epoch': 1, 'batches_done': 2}
     assert ckpt['sampler_states']['training']['next_batch'] == 2 and ckpt['sampler_states']['training']['epoch'] == 1
@@ -206,18 +206,18 @@ def test_real_checkpoint_records_how_to_rebuild_the_samplers(tmp_path, hdf5_file
     assert ckpt['hdf5_file'] == str(hdf5_file) and ckpt['model_params'] == {'nb_features': 4, 'hidden': 16, 'dropout': 0.2}
 
 
-def test_existing_experiment_is_refused_unless_overwrite(tmp_path):
-    make_toy_trainer(tmp_path, 'exp', max_epochs=1).train_and_validate()
+def test_existing_experiment_is_refused_unless_overwrite(tmp_path, toy_trainer):
+    toy_trainer('exp', max_epochs=1).train_and_validate()
     with pytest.raises(ConfigError, match="file '.*exp': the experiment folder already exists"):
-        make_toy_trainer(tmp_path, 'exp')
-    trainer = make_toy_trainer(tmp_path, 'exp', max_epochs=1, overwrite=True)
+        toy_trainer('exp')
+    trainer = toy_trainer('exp', max_epochs=1, overwrite=True)
     trainer.train_and_validate()
     assert len(pd.read_csv(trainer.paths['epochs_csv'])) == 1
 
 
 @pytest.fixture
-def one_epoch(tmp_path):
-    make_toy_trainer(tmp_path, 'exp', max_epochs=1).train_and_validate()
+def one_epoch(tmp_path, toy_trainer):
+    toy_trainer('exp', max_epochs=1).train_and_validate()
     return tmp_path, experiment_paths(tmp_path, 'exp')['checkpoint']
 
 
@@ -278,8 +278,8 @@ def test_resume_script_says_how_to_resume_a_class_of_a_notebook(one_epoch, capsy
     assert '.init_from_checkpoint(model, ' in err and 'Traceback' not in err
 
 
-def test_nan_loss_stops_with_position_and_keeps_last_good_checkpoint(tmp_path):
-    trainer = make_toy_trainer(tmp_path, 'exp', max_epochs=3, checkpoint_every_n_batches=2)
+def test_nan_loss_stops_with_position_and_keeps_last_good_checkpoint(tmp_path, toy_trainer):
+    trainer = toy_trainer('exp', max_epochs=3, checkpoint_every_n_batches=2)
     trainer.nan_at = (1, 3)
     with pytest.raises(NonFiniteLossError, match='training loss is nan at epoch 1, batch 3'):
         trainer.train_and_validate()
@@ -295,7 +295,7 @@ class ConstantLossTrainer(ToyTrainer):
         return sum(p.sum() * 0 for p in self.model.parameters()) + 1.0
 
 
-def test_early_stopping_and_resume_with_new_patience(tmp_path):
+def test_early_stopping_and_resume_with_new_patience(tmp_path, toy_trainer):
     calls = []
 
     class Recorder:
@@ -304,7 +304,7 @@ def test_early_stopping_and_resume_with_new_patience(tmp_path):
         def on_epoch_end(self, trainer, record): calls.append(('epoch', record['patience_count']))
         def on_train_end(self, trainer): calls.append('end')
 
-    trainer = make_toy_trainer(tmp_path, 'exp', trainer_cls=ConstantLossTrainer, max_epochs=10, patience=2,
+    trainer = toy_trainer('exp', trainer_cls=ConstantLossTrainer, max_epochs=10, patience=2,
                                callbacks=[Recorder()])
     history = trainer.train_and_validate()
     assert len(history) == 3 and [r['patience_count'] for r in history] == [0, 1, 2]
@@ -317,15 +317,15 @@ def test_early_stopping_and_resume_with_new_patience(tmp_path):
     assert len(resumed.train_and_validate()) == 5
 
 
-def test_bad_parameters_are_refused(tmp_path):
+def test_bad_parameters_are_refused(tmp_path, toy_trainer):
     with pytest.raises(ConfigError, match="optimizer 'Adamax' is not one of Adam, AdamW, RAdam, SGD"):
-        make_toy_trainer(tmp_path, optimizer='Adamax')
+        toy_trainer(optimizer='Adamax')
     with pytest.raises(ConfigError, match='not a class of torch.optim.lr_scheduler'):
-        make_toy_trainer(tmp_path, lr_scheduler={'name': 'Nope'})
+        toy_trainer(lr_scheduler={'name': 'Nope'})
     with pytest.raises(ConfigError, match='patience must be positive'):
-        make_toy_trainer(tmp_path, patience=0)
+        toy_trainer(patience=0)
     with pytest.raises(NotImplementedError, match='compute_batch_loss'):
-        make_toy_trainer(tmp_path, 'abstract', trainer_cls=DWIMLAbstractTrainer, max_epochs=1).train_and_validate()
+        toy_trainer('abstract', trainer_cls=DWIMLAbstractTrainer, max_epochs=1).train_and_validate()
 
 
 def test_inputs_left_to_the_main_process_give_the_same_training(tmp_path, hdf5_file):
