@@ -38,13 +38,6 @@ def dwiml_file(tmp_path):
 
 
 @pytest.fixture
-def database(tmp_path):
-    "A database folder of 3 subjects (NIfTI volumes, .trk tractograms) and its ground truth."
-    from dwiml_nb.testing import make_database
-    return make_database(tmp_path / 'db')
-
-
-@pytest.fixture
 def tiny_hdf5(tmp_path):
     "A tiny dwi_ml-layout file with one subject per set (`write_tiny_hdf5`)."
     from dwiml_nb.testing import write_tiny_hdf5
@@ -59,12 +52,3 @@ def toy_trainer(tmp_path):
     def make(experiment_name='exp', **kwargs):
         return make_toy_trainer(tmp_path, experiment_name, **kwargs)
     return make
-
-
-@pytest.fixture(scope='session')
-def demo_phantom_hdf5(tmp_path_factory):
-    "The demo phantom's HDF5 file, built once per test process (each xdist worker has its own)."
-    from dwiml_nb.data import make_demo_dataset
-    out = tmp_path_factory.mktemp('demo')
-    make_demo_dataset(out, which='phantom', progress=False)
-    return out / 'phantom.hdf5'

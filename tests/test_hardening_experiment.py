@@ -44,11 +44,10 @@ def test_a_sampler_with_no_batch_is_refused_before_anything_is_written(tmp_path,
     assert not (tmp_path / 'exp').exists()
 
 
-def test_a_real_empty_validation_subset_is_refused(tmp_path):
+def test_a_real_empty_validation_subset_is_refused(tmp_path, tiny_hdf5):
     # A real sampler on a subset whose subject has no streamline plans 0 batches (it used to give a NaN loss).
-    from dwiml_nb.testing import make_real_samplers, write_tiny_hdf5, NextStepModel, NextStepTrainer
-    hdf5 = write_tiny_hdf5(tmp_path / 'tiny.hdf5')
-    training, validation = make_real_samplers(hdf5)
+    from dwiml_nb.testing import make_real_samplers, NextStepModel, NextStepTrainer
+    training, validation = make_real_samplers(tiny_hdf5)
     validation._costs = [c[:0] for c in validation._costs]   # as if sub-2 had no streamline
     validation._plan_cache = None
     with pytest.raises(ConfigError, match=r"the validation sampler \(.*BatchStreamlinesSamplerOneInput\) plans 0 "
