@@ -53,7 +53,7 @@ def test_a_real_empty_validation_subset_is_refused(tmp_path, tiny_hdf5):
     with pytest.raises(ConfigError, match=r"the validation sampler \(.*BatchStreamlinesSamplerOneInput\) plans 0 "
                                           r"batches: its validation subset has no streamline") as err:
         NextStepTrainer(NextStepModel(), tmp_path, 'exp', training, validation, progress=False)
-    assert str(hdf5) in str(err.value)
+    assert str(tiny_hdf5) in str(err.value)
 
 
 @pytest.mark.slow
