@@ -12,7 +12,7 @@ import math
 import nibabel as nib
 import numpy as np
 
-from .core import (ConfigError, DataError, PackedStreamlines, atomic_write, check_output_file, cli_parser,
+from .core import (DataError, PackedStreamlines, atomic_write, check_output_file, cli_parser,
                            positive_float, regular_input_file, run_cli, setup_logging)
 from .data import demo_bundle_names, orientation_samples, read_bundle_names
 

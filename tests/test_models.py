@@ -177,6 +177,7 @@ def packed_reference_run(model, inputs, streams):
 
 @pytest.mark.parametrize('rnn,nb_layers,prev,max_len', [('lstm', 1, 1, 30), ('gru', 2, 2, 30), ('lstm', 3, 0, 300),
                                                         ('gru', 1, 1, 300)])
+@pytest.mark.slow
 def test_padded_recurrence_equals_the_packed_reference_outputs_and_gradients(rnn, nb_layers, prev, max_len):
     # Random lengths with 1- and 2-point streamlines; max_len 300 spreads them over several buckets.
     torch.manual_seed(1)
@@ -277,6 +278,7 @@ def test_mismatched_inputs_are_clear_errors():
 
 
 # ---------------------------------------------------------------- it learns
+@pytest.mark.slow
 def test_training_drops_the_angular_error_well_below_an_untrained_model():
     torch.manual_seed(0)
     rng = np.random.default_rng(6)
@@ -403,6 +405,7 @@ def test_tracking_errors():
         track(Oracle(), VOLUME, [[2., 2, 2]], 0.5, 5, constant_field([1., 0, 0]), initial_directions=np.ones((2, 3)))
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_straight_lines_tracks_a_straight_line():
     torch.manual_seed(0)
     rng = np.random.default_rng(8)

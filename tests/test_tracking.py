@@ -135,6 +135,7 @@ def test_seeds_are_reproducible_and_inside_their_voxels():
 
 
 # --- a trained experiment on real data -----------------------------------------------------------
+@pytest.mark.slow
 def test_track_subject_with_a_trained_model(experiment):
     hdf5, exp = experiment
     trained = load_experiment_model(exp, 'tiny', 'last')
@@ -174,6 +175,7 @@ def test_load_experiment_model_refusals(experiment, tmp_path):
         best.write_bytes(saved)
 
 
+@pytest.mark.slow
 def test_script_same_seed_same_file_and_formats(experiment, tmp_path):
     hdf5, exp = experiment
     common = [exp, 'tiny', hdf5, 'sub-02']
