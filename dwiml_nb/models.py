@@ -452,17 +452,23 @@ def _write_state(state, idx, new):
     else:
         state[:, idx] = new
 
+
+def _zero_state_like(sub_state, nb_rows):
+    "A state of the form of `sub_state` for `nb_rows` streamlines, zero (a fresh LSTM/GRU state)."
+    if isinstance(sub_state, tuple): return tuple(s.new_zeros((s.shape[0], nb_rows, s.shape[2])) for s in sub_state)
+    return sub_state.new_zeros((sub_state.shape[0], nb_rows, sub_state.shape[2]))
+
 # %% ../nbs/08_models.ipynb
 def _track_forward(model, seeds, initial_directions, input_fn, allowed, step_size, max_nb_steps, max_angle_deg,
-                   progress):
+                   progress, state=None, previous=None):
+    "`state`, `previous`: the recurrent state and previous directions at the seeds (default: none, zeros)."
     nb_seeds, k = len(seeds), model.use_previous_dirs
     device = seeds.device
     points = seeds.new_zeros((max_nb_steps + 1, nb_seeds, 3))
     points[0] = seeds
     lengths = torch.ones(nb_seeds, dtype=torch.int64, device=device)
-    previous = seeds.new_zeros((nb_seeds, 3 * k))
+    previous = seeds.new_zeros((nb_seeds, 3 * k)) if previous is None else previous.clone()
     last_dir = seeds.new_zeros((nb_seeds, 3))
-    state = None
     alive = _inside(allowed, seeds)
     min_cos = math.cos(math.radians(max_angle_deg))
     for step in progress_bar(range(max_nb_steps), desc='tracking', disable=not progress, leave=False):
@@ -471,10 +477,7 @@ def _track_forward(model, seeds, initial_directions, input_fn, allowed, step_siz
         current = points[step, idx]
         sub_state = None if state is None else _select_state(state, idx)
         direction, sub_state = model.step(_checked_inputs(input_fn, current, model), previous[idx], sub_state)
-        if state is None:  # allocate the full state once we know its form
-            state = (tuple(s.new_zeros((s.shape[0], nb_seeds, s.shape[2])) for s in sub_state)
-                     if isinstance(sub_state, tuple) else sub_state.new_zeros((sub_state.shape[0], nb_seeds,
-                                                                              sub_state.shape[2])))
+        if state is None: state = _zero_state_like(sub_state, nb_seeds)   # now that we know its form
         _write_state(state, idx, sub_state)
         if step == 0 and initial_directions is not None:
             direction = initial_directions[idx]
@@ -512,8 +515,47 @@ def _join_halves(twice, nb_seeds):
                              lengths.astype(np.int64))
 
 # %% ../nbs/08_models.ipynb
+def _replayed_context(model, forward_halves, input_fn, device):
+    """(state, previous directions) at each seed after reading its forward half from its far end.
+
+    Parameters
+    ----------
+    model : DirectionGetterModel (or any module with its ``step``)
+    forward_halves : PackedStreamlines
+        Half i starts at seed i (as `_track_forward` returns them).
+    input_fn : callable
+    device : torch.device
+
+    Returns
+    -------
+    (state or None, Tensor (S, 3 * model.use_previous_dirs))
+        None when no half has more than its seed (nothing to read: a fresh state).
+    """
+    lengths = torch.as_tensor(forward_halves.lengths, dtype=torch.int64, device=device)
+    offsets = torch.as_tensor(forward_halves.offsets, dtype=torch.int64, device=device)
+    nb_seeds, k = len(lengths), model.use_previous_dirs
+    # The halves reversed, back to back: point j of half i is its point lengths[i] - 1 - j (its seed last).
+    stream = torch.repeat_interleave(torch.arange(nb_seeds, device=device), lengths)
+    new_offsets = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(len(stream), device=device) - new_offsets[stream]
+    source = offsets[stream] + lengths[stream] - 1 - position
+    points = torch.as_tensor(np.asarray(forward_halves.data, np.float32), device=device)[source]
+    previous = previous_directions(points, lengths, k)     # what training feeds at each point
+    at_seed = previous[new_offsets + lengths - 1]
+    state = None
+    for j in range(int(lengths.max()) - 1 if nb_seeds else 0):
+        idx = torch.nonzero(lengths - 1 > j)[:, 0]            # halves with a point j before their seed
+        rows = new_offsets[idx] + j
+        sub_state = None if state is None else _select_state(state, idx)
+        _, sub_state = model.step(_checked_inputs(input_fn, points[rows], model), previous[rows], sub_state)
+        if state is None: state = _zero_state_like(sub_state, nb_seeds)
+        _write_state(state, idx, sub_state)
+    return state, at_seed
+
+# %% ../nbs/08_models.ipynb
 def track(model, volume, seeds, step_size_vox, max_nb_steps, input_fn=None, *, initial_directions=None,
-          mask=None, max_angle_deg=60., both_directions=False, progress=False):
+          mask=None, max_angle_deg=60., both_directions=False, backward_state='replay', return_halves=False,
+          progress=False):
     """Grow one streamline per seed with ``model``, all seeds at once.
 
     Parameters
@@ -539,6 +581,15 @@ def track(model, volume, seeds, step_size_vox, max_nb_steps, input_fn=None, *, i
         Largest allowed angle between two consecutive steps.
     both_directions : bool
         Also track from each seed along the opposite of the first direction, and join.
+    backward_state : {'replay', 'fresh'}
+        With ``both_directions``, how the backward half starts. 'replay' (default, as dwi_ml): once
+        the forward halves are tracked, the model reads each one backwards, from its far end to the
+        seed, and the backward half continues from that recurrent state and those previous
+        directions. 'fresh': from an empty state and no previous direction (this tracker's former
+        behaviour; both halves then advance together, one pass).
+    return_halves : bool
+        With ``both_directions``, return the 2 S halves, each from its seed (the S forward ones, then
+        the S backward ones), instead of the joined streamlines.
     progress : bool
         Show a tqdm bar over steps.
 
@@ -550,6 +601,8 @@ def track(model, volume, seeds, step_size_vox, max_nb_steps, input_fn=None, *, i
     """
     if step_size_vox <= 0: raise ConfigError(f'step_size_vox must be positive, not {step_size_vox}')
     if max_nb_steps < 0: raise ConfigError(f'max_nb_steps must be >= 0, not {max_nb_steps}')
+    if backward_state not in ('replay', 'fresh'):
+        raise ConfigError(f"backward_state must be 'replay' or 'fresh', not {backward_state!r}")
     device = next(model.parameters()).device
     shape = tuple(volume.shape[:3])
     if input_fn is None:
@@ -573,9 +626,22 @@ def track(model, volume, seeds, step_size_vox, max_nb_steps, input_fn=None, *, i
             if not both_directions:
                 return _track_forward(model, seeds, initial_directions, input_fn, allowed, step_size_vox,
                                       max_nb_steps, max_angle_deg, progress)
-            twice = _track_forward(model, torch.cat([seeds, seeds]),
-                                   torch.cat([initial_directions, -initial_directions]), input_fn, allowed,
-                                   step_size_vox, max_nb_steps, max_angle_deg, progress)
-            return _join_halves(twice, len(seeds))
+            twice = _track_both_ways(model, seeds, initial_directions, input_fn, allowed, step_size_vox, max_nb_steps,
+                                     max_angle_deg, progress, backward_state)
+            return twice if return_halves else _join_halves(twice, len(seeds))
     finally:
         model.train(was_training)
+
+
+def _track_both_ways(model, seeds, initial_directions, input_fn, allowed, step_size, max_nb_steps, max_angle_deg,
+                     progress, backward_state):
+    "The 2 S halves from the seeds: forward ones (along `initial_directions`), then backward ones."
+    track_args = (input_fn, allowed, step_size, max_nb_steps, max_angle_deg, progress)
+    if backward_state == 'fresh':
+        return _track_forward(model, torch.cat([seeds, seeds]), torch.cat([initial_directions, -initial_directions]),
+                              *track_args)
+    forward = _track_forward(model, seeds, initial_directions, *track_args)
+    state, previous = _replayed_context(model, forward, input_fn, seeds.device)
+    backward = _track_forward(model, seeds, -initial_directions, *track_args, state=state, previous=previous)
+    lengths = np.concatenate([forward.lengths, backward.lengths]).astype(np.int64)
+    return PackedStreamlines(np.concatenate([forward.data, backward.data]), offsets_from_lengths(lengths), lengths)

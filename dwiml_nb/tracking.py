@@ -121,7 +121,8 @@ def _check_tracking_numbers(step_size_mm, theta, min_length, max_length):
 
 
 def track_streamlines(model, input_fn, seeds, *, shape, voxel_sizes=(1., 1., 1.), tracking_mask=None,
-                      step_size_mm=1., theta=60., min_length=10., max_length=300., progress=False):
+                      step_size_mm=1., theta=60., min_length=10., max_length=300., backward_state='replay',
+                      progress=False):
     """Track both ways from every seed with ``model``, all streamlines at once, and apply the length rules.
 
     Parameters
@@ -139,6 +140,8 @@ def track_streamlines(model, input_fn, seeds, *, shape, voxel_sizes=(1., 1., 1.)
         Tracking stops when the next point is outside it (default: the whole grid).
     step_size_mm, theta, min_length, max_length : float
         Step (mm), largest turn between steps (degrees), shortest kept and longest streamline (mm).
+    backward_state : {'replay', 'fresh'}
+        How the backward halves start: from the forward half read backwards, or empty (see `track`).
     progress : bool
 
     Returns
@@ -164,10 +167,9 @@ def track_streamlines(model, input_fn, seeds, *, shape, voxel_sizes=(1., 1., 1.)
             first, _ = model.step(input_fn(torch.as_tensor(seeds, device=device)).float())
     finally:
         model.train(was_training)
-    both = torch.cat([first, -first]).cpu().numpy()
-    halves = track(model, torch.empty(tuple(int(s) for s in shape) + (0,)), np.concatenate([seeds, seeds]),
-                   step_vox, max_nb_steps, input_fn, initial_directions=both, mask=tracking_mask,
-                   max_angle_deg=float(theta), progress=progress)
+    halves = track(model, torch.empty(tuple(int(s) for s in shape) + (0,)), seeds, step_vox, max_nb_steps, input_fn,
+                   initial_directions=first.cpu().numpy(), mask=tracking_mask, max_angle_deg=float(theta),
+                   both_directions=True, backward_state=backward_state, return_halves=True, progress=progress)
     streams, nb_cut = _join_both_ways(halves, nb_seeds, max_nb_steps + 1)
     keep = lengths_mm(streams, voxel_sizes) >= min_length - 1e-6
     if not keep.all():
@@ -260,7 +262,7 @@ class TrackingResult:
 
 def track_subject(model, data, subject, *, input_group, seeds, tracking_mask=None, neighborhood_type=None,
                   neighborhood_radius=0, neighborhood_resolution=1.0, neighborhood_units='vox', step_size_mm=1.0,
-                  theta=60., min_length=10., max_length=300., device='cpu', progress=False):
+                  theta=60., min_length=10., max_length=300., backward_state='replay', device='cpu', progress=False):
     """Track one subject with ``model``; see `track_streamlines` for the tracking itself.
 
     Parameters
@@ -277,7 +279,7 @@ def track_subject(model, data, subject, *, input_group, seeds, tracking_mask=Non
         A volume group of the subject or a mask on its grid.
     neighborhood_type, neighborhood_radius, neighborhood_resolution, neighborhood_units
         As the training sampler's (`BatchStreamlinesSamplerOneInput`).
-    step_size_mm, theta, min_length, max_length, progress
+    step_size_mm, theta, min_length, max_length, backward_state, progress
         See `track_streamlines`.
     device : str or torch.device
         Where the model runs and the inputs are interpolated.
@@ -302,7 +304,8 @@ def track_subject(model, data, subject, *, input_group, seeds, tracking_mask=Non
     start = time.process_time()
     streams, stats = track_streamlines(model, model_inputs_fn(volume, offsets, device), seeds, shape=shape,
                                        voxel_sizes=voxel_sizes, tracking_mask=tracking_mask, step_size_mm=step_size_mm,
-                                       theta=theta, min_length=min_length, max_length=max_length, progress=progress)
+                                       theta=theta, min_length=min_length, max_length=max_length,
+                                       backward_state=backward_state, progress=progress)
     logger.info('subject %s: %d streamlines from %d seeds (%d shorter than %g mm dropped, %d cut at %g mm), '
                 '%.1f s of CPU', subject, stats['nb_streamlines'], stats['nb_seeds'], stats['nb_too_short'],
                 min_length, stats['nb_cut'], max_length, time.process_time() - start)
@@ -446,6 +449,9 @@ def _track_parser():
                    help="step in mm (default: the training sampler's step size, else half a voxel)")
     p.add_argument('--min_length', type=number_in_range(float, 0), default=10., help='drop shorter streamlines (mm)')
     p.add_argument('--max_length', type=positive_float, default=300., help='cut longer streamlines (mm)')
+    p.add_argument('--backward_state', choices=('replay', 'fresh'), default='replay',
+                   help='start the backward half of each streamline from its forward half read backwards (replay, '
+                        'as dwi_ml) or from an empty recurrent state (fresh)')
     p.add_argument('--seed', type=number_in_range(int, 0, 2**32 - 1), default=1234, help='seed of the seed positions')
     p.add_argument('--device', default='cpu', help="where the model runs: 'cpu', 'cuda', 'cuda:1'...")
     p.add_argument('--overwrite', action='store_true', help='replace out_tractogram if it exists')
@@ -487,7 +493,8 @@ def _track_cli(argv=None):
     step = args.step_size or trained.step_size or float(np.linalg.norm(grid[0][:3, :3], axis=0).min() / 2)
     result = track_subject(trained.model, subset, args.subject, input_group=trained.input_group, seeds=seeds,
                            tracking_mask=tracking, step_size_mm=step, theta=args.theta, min_length=args.min_length,
-                           max_length=args.max_length, device=device, progress=not args.no_progress,
+                           max_length=args.max_length, backward_state=args.backward_state, device=device,
+                           progress=not args.no_progress,
                            **trained.neighborhood)
     save_tractogram(result, out, overwrite=args.overwrite)
     s = result.stats

@@ -16,11 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 FIRST_LINE = '# The dipy demo'
 
-# The floors this pipeline must keep, under the figures the README gives (Dice 0.651, valid ratio 0.781).
-# Issue #14: Dice >= 0.5 and valid ratio >= 0.8; the README says why the run stops at 0.78 (0.79 and 0.81
-# with other seeds), so the floor is 0.75: what a regression of the model, the tracker or the scoring breaks.
-MIN_DICE = 0.5
-MIN_VALID_RATIO = 0.75
+# The floors this pipeline must keep, under the figures the README gives (Dice 0.642, valid ratio 0.841;
+# 0.842 and 0.829 with other seeds). Issue #14: Dice >= 0.5 and valid ratio >= 0.8; the floors sit slightly
+# under the figures: what a regression of the model, the tracker (e.g. the backward halves' context) or the
+# scoring breaks.
+MIN_DICE = 0.6
+MIN_VALID_RATIO = 0.8
 
 
 def readme_tracking_block():
@@ -38,7 +39,7 @@ def test_the_readme_tracking_pipeline_reaches_its_scores(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f'exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}'
     scores = json.loads((tmp_path / 'scores.json').read_text())
-    assert scores['nb_reference_streamlines'] == 150 and scores['nb_streamlines'] > 250    # few seeds dropped
+    assert scores['nb_reference_streamlines'] == 150 and scores['nb_streamlines'] > 270    # few seeds dropped
     assert scores['dice'] >= MIN_DICE, scores
     assert scores['valid_ratio'] >= MIN_VALID_RATIO, scores
     assert set(scores['bundles']) == {'AF_L', 'CC_ForcepsMajor', 'CST_R'}
