@@ -265,15 +265,19 @@ def _save_trk(streams_vox, affine, shape, path, bundle_id=None):
         TrkFile(Tractogram(mm.to_list(), data_per_streamline=dps, affine_to_rasmm=np.eye(4)), header).save(str(tmp))
 
 
-WM_MASK_DILATION_VOX = 2
+# One voxel, not more: the features describe fibres only where the bundles pass, so a seed in a
+# broader margin starts from an empty input, and streamlines that run in it widen the tracked
+# volume (on the dipy demo, seeds in a 2-voxel margin: Dice 0.48 even with the fibres' features
+# copied into the margin, against 0.68 with one voxel).
+WM_MASK_DILATION_VOX = 1
 
 
 def tracking_mask(tract_mask, dilation_vox=WM_MASK_DILATION_VOX):
     """The demo's ``wm_mask``: the voxels the streamlines cross, dilated by ``dilation_vox`` voxels.
 
     The tract mask itself hugs the bundles: a tracker that drifts by half a voxel leaves it and
-    stops early. Dilated (6-connected, ``dilation_vox`` times) it is a white-matter-like region
-    that still stops a tracker a few voxels past the bundles' ends.
+    stops early. Dilated (6-connected, ``dilation_vox`` times) it is a white-matter-like region to
+    seed in and to stop at, a voxel past the bundles' sides and ends.
     """
     import scipy.ndimage
     mask = np.asarray(tract_mask, bool)

@@ -173,7 +173,8 @@ def track_streamlines(model, input_fn, seeds, *, shape, voxel_sizes=(1., 1., 1.)
     streams, nb_cut = _join_both_ways(halves, nb_seeds, max_nb_steps + 1)
     keep = lengths_mm(streams, voxel_sizes) >= min_length - 1e-6
     if not keep.all():
-        logger.info('dropped %d of %d streamlines shorter than %g mm', int((~keep).sum()), nb_seeds, min_length)
+        # debug: the callers report the counts (stats), once, with the subject's name
+        logger.debug('dropped %d of %d streamlines shorter than %g mm', int((~keep).sum()), nb_seeds, min_length)
         streams = streams.select(np.flatnonzero(keep))
     streams.data = np.ascontiguousarray(streams.data, np.float32)
     stats = {'nb_seeds': nb_seeds, 'nb_streamlines': len(streams), 'nb_too_short': int((~keep).sum()),

@@ -1,6 +1,6 @@
 """The README's "Tracking with a trained model" pipeline, run as written (the scripts as subprocesses):
-the dipy demo, `dwiml_train_model` for 8 epochs, `dwiml_track_from_model` with 300 seeds in the tract mask,
-stopped by `wm_mask`, on the validation subject, `dwiml_score_tractogram`, and the overlay picture. Its scores
+the dipy demo, `dwiml_train_model` for 8 epochs, `dwiml_track_from_model` with 300 seeds in `wm_mask`,
+stopped by it, streamlines under 80 mm dropped, on the validation subject, `dwiml_score_tractogram`, and the overlay picture. Its scores
 are what the README reports; the run takes about 1.5 minutes on 2 CPU cores.
 """
 import json
@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 FIRST_LINE = '# The dipy demo'
 
-# The floors this pipeline must keep, under the figures the README gives (Dice 0.642, valid ratio 0.841;
-# 0.842 and 0.829 with other seeds). Issue #14: Dice >= 0.5 and valid ratio >= 0.8; the floors sit slightly
+# The floors this pipeline must keep, under the figures the README gives (Dice 0.693, valid ratio 0.855;
+# 0.898, 0.833 and 0.819 with other seeds). Issue #14: Dice >= 0.5 and valid ratio >= 0.8; the floors sit slightly
 # under the figures: what a regression of the model, the tracker (e.g. the backward halves' context) or the
 # scoring breaks.
 MIN_DICE = 0.6
@@ -39,7 +39,7 @@ def test_the_readme_tracking_pipeline_reaches_its_scores(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f'exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}'
     scores = json.loads((tmp_path / 'scores.json').read_text())
-    assert scores['nb_reference_streamlines'] == 150 and scores['nb_streamlines'] > 270    # few seeds dropped
+    assert scores['nb_reference_streamlines'] == 150 and scores['nb_streamlines'] > 150    # 173 of 300 are 80 mm or longer
     assert scores['dice'] >= MIN_DICE, scores
     assert scores['valid_ratio'] >= MIN_VALID_RATIO, scores
     assert set(scores['bundles']) == {'AF_L', 'CC_ForcepsMajor', 'CST_R'}
