@@ -13,9 +13,11 @@ resampled to 1 mm with an 'axes' neighbourhood, augmentation on) is timed two wa
 - **the model alone**: forward, loss, backward and optimizer step of `DirectionGetterModel` on
   the same real batches (loaded beforehand), in CPU time (`time.process_time`), beside a plain
   padded `nn.LSTM` loop of the same size (embedding + LSTM + head on `pad_sequence` tensors: the
-  baseline) and the model's former packed path (`pack_padded_sequence`, for the record). The
-  model's steps are also timed on a skewed length distribution (many short streamlines, a few
-  long), with the padded run in length buckets (the CPU default) and in one bucket.
+  baseline) and the model's former packed path (`pack_padded_sequence`, with the default Adam:
+  the "before" of issue #13's "≥ 5× faster"). The model's steps are also timed on a skewed length
+  distribution (many short streamlines, a few long), with the padded run in length buckets (the
+  CPU default) and in one bucket, and with `torch.optim.Adam(..., fused=True)` (one kernel for
+  all the parameters instead of a loop of small ops: what the trainer would need to construct).
 
     .venv/bin/python benchmarks/bench_training.py [--epochs 3] [--quick] [--device cpu|cuda] [--json]
 """
@@ -169,7 +171,7 @@ def model_alone(hdf5_file, nb_batches, repeats, device):
         if len(demo) == nb_batches: break
     nb_features = demo[0].inputs.shape[1]
 
-    def ours(packed=False, one_bucket=False):
+    def ours(packed=False, one_bucket=False, fused_adam=False):
         def loss(model, batch):
             saved = models.MIN_SAVED_CELLS
             models.MIN_SAVED_CELLS = None if one_bucket else saved
@@ -181,20 +183,20 @@ def model_alone(hdf5_file, nb_batches, repeats, device):
             model = DirectionGetterModel(nb_features, hidden_size=64)
             model._packed = packed
             return model
-        return make, loss
+        return make, loss, dict(fused=True) if fused_adam else {}
 
-    variants = {'ours (padded, buckets)': ours(), 'ours, one bucket': ours(one_bucket=True),
-                'former packed path': ours(packed=True),
+    variants = {'ours (padded, buckets)': ours(), 'ours, fused Adam': ours(fused_adam=True),
+                'ours, one bucket': ours(one_bucket=True), 'former packed path': ours(packed=True),
                 'plain padded nn.LSTM (baseline)': (lambda: PlainPaddedLSTM(nb_features),
-                                                    lambda m, b: m.loss(b, device))}
+                                                    lambda m, b: m.loss(b, device), {})}
     rows = []
     for name, batches in (('demo', demo), ('skewed', skewed_batches(nb_batches, nb_features))):
         best = {v: float('inf') for v in variants}
         for _ in range(repeats):
-            for variant, (make, loss_fn) in variants.items():
+            for variant, (make, loss_fn, adam_options) in variants.items():
                 torch.manual_seed(0)
                 model = make().to(device)
-                optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+                optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, **adam_options)
                 start = clock()
                 for batch in batches:
                     optimizer.zero_grad()
@@ -251,13 +253,16 @@ def main(argv=None):
     clock = 'CPU time' if args.device == 'cpu' else 'wall-clock time'
     print(f'\nThe model alone ({args.device}, 1 thread; forward, loss, backward, Adam step; {clock}, best of '
           f'{repeats}, {nb_batches} batches of {BATCH_SIZE} streamlines):\n')
-    print('| lengths | variant | streamlines/s | points/s | vs plain padded nn.LSTM |')
-    print('|---|---|---:|---:|---:|')
+    print('| lengths | variant | streamlines/s | points/s | vs plain padded nn.LSTM | vs former packed path |')
+    print('|---|---|---:|---:|---:|---:|')
     for s in steps:
-        base = next(b for b in steps if b['lengths'] == s['lengths'] and b['variant'].startswith('plain'))
+        same = [b for b in steps if b['lengths'] == s['lengths']]
+        base = next(b for b in same if b['variant'].startswith('plain'))
+        former = next(b for b in same if b['variant'] == 'former packed path')
         label = f"{s['lengths']} (mean {s['length_mean']:.0f}, max {s['length_max']})"
         print(f"| {label} | {s['variant']} | {s['streamlines_per_s']:,.0f} | {s['points_per_s']:,.0f} "
-              f"| {s['streamlines_per_s'] / base['streamlines_per_s']:.2f}× |")
+              f"| {s['streamlines_per_s'] / base['streamlines_per_s']:.2f}× "
+              f"| {s['streamlines_per_s'] / former['streamlines_per_s']:.2f}× |")
 
 
 if __name__ == '__main__':

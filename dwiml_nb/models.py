@@ -228,7 +228,7 @@ class DirectionGetterModel(nn.Module):
         return F.normalize(self.head(self.dropout(hidden_states)), dim=-1, eps=1e-12)
 
 # %% ../nbs/08_models.ipynb
-MIN_BUCKET, MIN_SAVED_CELLS = 32, 512   # measured on the demo and on a skewed length distribution
+MIN_BUCKET, MIN_SAVED_CELLS = 16, 512   # measured on the demo and on a skewed length distribution
 
 
 def _length_buckets(lengths, min_bucket=MIN_BUCKET, min_saved_cells=MIN_SAVED_CELLS):
@@ -252,17 +252,22 @@ def _length_buckets(lengths, min_bucket=MIN_BUCKET, min_saved_cells=MIN_SAVED_CE
 def _padded_layout(lengths, bucketed=True):
     """Where each valid time step goes in a flat buffer holding the padded buckets back to back.
 
+    Each bucket is stored time-major (its first step of every sequence, then its second...): the
+    layout oneDNN's and cuDNN's recurrences run on, so that no transposed copy is made on the
+    way in nor on the way out.
+
     Parameters
     ----------
     lengths : ndarray (B,) int, all >= 1
     bucketed : bool
-        False: one bucket (the plain ``B × max(lengths)`` padded tensor).
+        False: one bucket (the plain ``max(lengths) × B`` padded tensor).
 
     Returns
     -------
     (ndarray (sum(lengths),) int64, list of (offset, rows, width), int)
-        Flat row of each time step (sequence after sequence), the buckets (the rows of bucket k are
-        ``buffer[offset:offset + rows * width]``, viewed ``rows × width``) and the buffer's length.
+        Flat row of each time step (sequence after sequence), the buckets (bucket k is
+        ``buffer[offset:offset + rows * width]``, viewed ``width × rows``: step t of its row r is
+        at ``offset + t * rows + r``) and the buffer's length.
     """
     order, starts, widths = _length_buckets(lengths, min_saved_cells=MIN_SAVED_CELLS if bucketed else None)
     rows = np.diff(starts)
@@ -270,18 +275,18 @@ def _padded_layout(lengths, bucketed=True):
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     bucket = np.searchsorted(starts, rank, side='right') - 1
-    first_cell = offsets[bucket] + (rank - starts[bucket]) * widths[bucket]
-    first_point = np.cumsum(lengths) - lengths
-    flat = np.repeat(first_cell - first_point, lengths) + np.arange(int(lengths.sum()))
+    first_cell = offsets[bucket] + rank - starts[bucket]
+    step = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    flat = np.repeat(first_cell, lengths) + step * np.repeat(rows[bucket], lengths)
     return flat.astype(np.int64), list(zip(offsets[:-1].tolist(), rows.tolist(), widths.tolist())), int(offsets[-1])
 
 # %% ../nbs/08_models.ipynb
 def _run_rnn_padded(rnn, embedded, lengths, rows=None):
-    """Outputs of a batch-first ``rnn`` at every valid time step, the padded way.
+    """Outputs of ``rnn`` at every valid time step, the padded way.
 
     Parameters
     ----------
-    rnn : nn.LSTM or nn.GRU (batch_first=True)
+    rnn : nn.LSTM or nn.GRU (batch-first or not)
     embedded : Tensor (N, H)
         The inputs.
     lengths : Tensor (B,) int64, all >= 1
@@ -295,12 +300,15 @@ def _run_rnn_padded(rnn, embedded, lengths, rows=None):
     """
     flat, buckets, total = _padded_layout(lengths.cpu().numpy(), bucketed=embedded.device.type == 'cpu')
     flat = torch.from_numpy(flat).to(embedded.device)
-    # A gather (each padded cell reads its row, the padding a zero row): its backward is one index_add.
-    source = torch.full((total,), len(embedded), dtype=torch.int64, device=embedded.device)
+    # A gather (each padded cell reads its row, the padding row 0): its backward is one index_add.
+    source = torch.zeros((total,), dtype=torch.int64, device=embedded.device)
     source[flat] = torch.arange(len(flat), device=flat.device) if rows is None else rows
-    buffer = torch.cat([embedded, embedded.new_zeros((1, embedded.shape[1]))]).index_select(0, source)
-    outs = [rnn(buffer[offset:offset + nb * width].view(nb, width, -1))[0].reshape(nb * width, -1)
-            for offset, nb, width in buckets]
+    buffer = embedded.index_select(0, source)
+    outs = []
+    for offset, nb, width in buckets:
+        steps = buffer[offset:offset + nb * width].view(width, nb, -1)   # time-major: the RNN's own layout
+        out = rnn(steps.transpose(0, 1) if rnn.batch_first else steps)[0]
+        outs.append((out.transpose(0, 1) if rnn.batch_first else out).reshape(nb * width, -1))  # a view
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, flat)
 
 
