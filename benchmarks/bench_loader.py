@@ -12,7 +12,10 @@ streamlines, loaded in RAM), with batches of 512 streamlines resampled to 0.5 mm
 (b) a real DataLoader with 2 workers against 0 workers (the main process alone, one core):
     points per **wall-clock** second, after a first epoch that pays the workers' start-up. The
     target (#13.3) is >= 1.7× on a 2-core machine; on a machine shared with other work the ratio
-    is bounded by the cores actually free, so the load average at the start is printed.
+    is bounded by the cores actually free, so the load average at the start is printed. Beside it,
+    the CPU time a worker spends sending one batch (pickling it into the result queue), as a share
+    of `load_batch`: with the inputs in private memory (how workers sent them before: torch copies
+    them to shared memory) and in the worker's reused shared buffers (how they send them now).
 
 Only the public API is used: the sampler's constructor, iterating it, ``load_batch(parts)``.
 
@@ -34,10 +37,14 @@ for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMB
 import argparse
 import json
 import math
+import multiprocessing
+import pickle
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import h5py
@@ -48,7 +55,7 @@ from torch.utils.data import DataLoader
 
 from dwiml_nb.core import offsets_from_lengths
 from dwiml_nb.dataset import MultiSubjectDataset
-from dwiml_nb.interpolation import neighborhood_offsets
+from dwiml_nb.interpolation import SHARED_BUFFERS, neighborhood_offsets
 from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
 
 STEP_MM = 0.5
@@ -165,23 +172,61 @@ def cpu_timed(fn):
     return time.process_time() - start, result
 
 
+def send_cpu(batch, repeats=3):
+    """CPU seconds per batch a DataLoader worker spends pickling ``batch`` into its result queue.
+
+    'private': its inputs in private memory, as workers had them before #13.3: torch moves them to
+    shared memory (a copy into fresh, page-faulted pages). 'shared': its inputs in one of the
+    worker's reused shared buffers (`interpolation.SHARED_BUFFERS`, what `load_batch` does in a
+    worker now): only the buffer's handle is written. Each pickle is read back (as the main process
+    would), which lets the shared buffer be reused.
+    """
+    cost = {}
+    for way in ('private', 'shared'):
+        total = 0.
+        for _ in range(repeats):
+            inputs = batch.inputs.clone() if way == 'private' else SHARED_BUFFERS.empty(batch.inputs.shape)
+            inputs.copy_(batch.inputs)
+            sent = replace(batch, inputs=inputs)
+            del inputs
+            cpu, data = cpu_timed(lambda: ForkingPickler.dumps(sent))
+            total += cpu
+            del sent
+            pickle.loads(data)
+        cost[way] = total / repeats
+    return cost
+
+
+def loader_cpu_seconds():
+    "CPU seconds used so far by this process and its live children (the DataLoader's workers; Linux /proc)."
+    total = time.process_time()
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f'/proc/{child.pid}/stat').read_text().rsplit(')', 1)[1].split()
+        except OSError:   # no /proc here, or the child just ended
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return total
+
+
 def loader_points_per_s(subset, sampler, num_workers):
-    """Points per wall-clock second of the second epoch through one DataLoader with persistent workers.
+    """Points per wall-clock second, and per CPU second, of the second epoch through one DataLoader with persistent workers.
 
     The first epoch pays once-per-process costs (worker start-up, loading numba's compiled kernels);
-    the second is the steady state a training run lives in.
+    the second is the steady state a training run lives in. CPU seconds are those of the main
+    process and its workers together (``/proc`` tick resolution): with other work on the machine,
+    points per CPU second tell what the pipeline costs, whatever the cores it was given.
     """
     loader = DataLoader(subset, batch_sampler=sampler, collate_fn=sampler.load_batch, num_workers=num_workers,
                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
-    rate = None
     for _ in range(2):
-        start, nb_points = time.perf_counter(), 0
+        start, cpu_start, nb_points = time.perf_counter(), loader_cpu_seconds(), 0
         for batch in loader:
             assert batch.inputs is not None, 'the batches must come complete (inputs interpolated in the workers)'
             nb_points += batch.nb_points
-        rate = nb_points / (time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - start, loader_cpu_seconds() - cpu_start
     del loader
-    return rate
+    return nb_points / wall, nb_points / max(cpu, 1e-9), cpu / wall
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -205,42 +250,46 @@ def bench(h5_path, *, batch_size, nb_batches, baseline_batches):
         sampler.load_batch(plan[0])                 # JIT / cache load outside the timings
         # One batch alive at a time, as in training: keeping them all would time fresh-page faults.
         cpu, points = cpu_timed(lambda: sum(sampler.load_batch(parts).nb_points for parts in plan))
-        # What a DataLoader worker pays on top to send a batch: pickling moves the inputs tensor to
-        # shared memory (a copy into fresh pages), unless it was allocated there.
-        batch = sampler.load_batch(plan[0])
-        share_cpu, _ = cpu_timed(lambda: batch.inputs.share_memory_())
-        share_cpu *= len(plan)
+        send = send_cpu(sampler.load_batch(plan[0]))
         base_plan = plan[:baseline_batches]
         base_cpu, base = cpu_timed(lambda: [baseline_batch(h5_path, p, volume, voxel_size, offsets) for p in base_plan])
         base_points = sum(n for n, _ in base)
-        single = loader_points_per_s(ram, sampler_for(name, nb_batches), 0)
-        double = loader_points_per_s(ram, sampler_for(name, nb_batches), 2)
+        single, single_per_cpu, _ = loader_points_per_s(ram, sampler_for(name, nb_batches), 0)
+        double, double_per_cpu, cores = loader_points_per_s(ram, sampler_for(name, nb_batches), 2)
         rows.append(dict(neighborhood=name, offsets=len(offsets), batches=len(plan),
                          points_per_batch=points / max(len(plan), 1), points_per_cpu_s=points / max(cpu, 1e-9),
                          baseline_points_per_cpu_s=base_points / max(base_cpu, 1e-9),
                          speedup=(points / max(cpu, 1e-9)) / (base_points / max(base_cpu, 1e-9)),
-                         share_memory_share=share_cpu / max(cpu, 1e-9),
-                         workers0_points_per_s=single, workers2_points_per_s=double, workers_ratio=double / single))
+                         send_private_share=send['private'] * len(plan) / max(cpu, 1e-9),
+                         send_shared_share=send['shared'] * len(plan) / max(cpu, 1e-9),
+                         workers0_points_per_s=single, workers2_points_per_s=double, workers_ratio=double / single,
+                         workers2_cores_used=cores, workers_cpu_efficiency=double_per_cpu / single_per_cpu))
     return rows
 
 
 def markdown(result):
     s = result['setup']
     lines = ['| neighbourhood | points/batch | load_batch points/CPU-s | baseline points/CPU-s | speed-up '
-             '| inputs to shared memory, % of load_batch | 0 workers points/s | 2 workers points/s | 2 workers / 0 |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+             '| worker sends a batch, % of load_batch: private inputs (before) / shared buffers (now) '
+             '| 0 workers points/s | 2 workers points/s | 2 workers / 0 | 2 workers: cores used '
+             '| 2 workers / 0, points per CPU-s |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in result['rows']:
         ok = '' if r['workers_ratio'] >= WORKERS_TARGET else ' (< 1.7)'
         lines.append(f"| {r['neighborhood']} ({r['offsets']} offsets) | {r['points_per_batch']:,.0f} "
                      f"| {r['points_per_cpu_s']:,.0f} | {r['baseline_points_per_cpu_s']:,.0f} | {r['speedup']:.1f}× "
-                     f"| {100 * r['share_memory_share']:.0f}% "
+                     f"| {100 * r['send_private_share']:.0f}% / {100 * r['send_shared_share']:.1f}% "
                      f"| {r['workers0_points_per_s']:,.0f} | {r['workers2_points_per_s']:,.0f} "
-                     f"| {r['workers_ratio']:.2f}×{ok} |")
+                     f"| {r['workers_ratio']:.2f}×{ok} | {r['workers2_cores_used']:.2f} "
+                     f"| {r['workers_cpu_efficiency']:.2f} |")
     lines += ['', f"Dataset: volume {s['dims']}×{s['nb_features']} float32 in RAM, {s['nb_streamlines']:,} streamlines; "
               f"batches of {s['batch_size']} streamlines (step {STEP_MM} mm, {AUGMENT}), {s['nb_batches']} batches; "
               f"baseline on the first {s['baseline_batches']} of them. Workers: wall-clock points/s of the second "
               f"epoch of one DataLoader with persistent workers; {s['cpus']} CPUs, load average "
-              f"{s['load_average']:.1f} at the start (a shared machine bounds the 2-worker ratio by the cores free); "
+              f"{s['load_average']:.1f} at the start (a shared machine bounds the 2-worker ratio by the cores free: "
+              "'cores used' is the CPU time of the main process and the workers over the wall time, and the "
+              "points per CPU-second of 2 workers over those of 0 workers bound what 2 free cores give, "
+              "about twice that ratio); "
               f"total {s['seconds']:.0f} s."]
     return '\n'.join(lines)
 

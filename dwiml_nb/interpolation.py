@@ -8,12 +8,15 @@ from __future__ import annotations
 import itertools
 import logging
 import numbers
+import os
 import sys
 import threading
+import weakref
 
 import numba
 import numpy as np
 import torch
+from fastcore.basics import patch
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -24,9 +27,9 @@ from .core import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'OUTPUT_BUFFERS', 'PREFETCH_AHEAD', 'PREFETCH_MAX_OFFSETS',
-           'BACKENDS', 'neighborhood_offsets', 'OutputBuffers', 'interpolate_with_neighborhood',
-           'trilinear_interpolation']
+__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'OUTPUT_BUFFERS', 'SHARED_BUFFERS', 'PREFETCH_AHEAD',
+           'PREFETCH_MAX_OFFSETS', 'BACKENDS', 'neighborhood_offsets', 'OutputBuffers', 'SharedBuffers',
+           'interpolate_with_neighborhood', 'trilinear_interpolation']
 
 # %% ../nbs/04_interpolation.ipynb
 NEIGHBORHOOD_KINDS = (None, 'axes', 'grid')
@@ -132,6 +135,128 @@ class OutputBuffers:
 
 
 OUTPUT_BUFFERS = OutputBuffers()
+
+# %% ../nbs/04_interpolation.ipynb
+_HEADER_INTS = 16        # 64 bytes before the data: the data stays 64-byte aligned (SIMD rows)
+_FREE, _LENT = 0, 1      # header[0]: is a tensor of this buffer alive in another process?
+
+
+def _storage_use_count(storage):
+    "References to the storage's memory: tensors, views and the Python storage object itself."
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _header(storage):
+    "The int32 header of a shared buffer: [flag, index in its pool (-1: used once), owner pid, times lent]."
+    return torch.empty(0, dtype=torch.int32).set_(storage, 0, (_HEADER_INTS,)).numpy()
+
+
+def _float_view(storage, shape):
+    "A float32 C-contiguous tensor of ``shape`` on ``storage``, after the header."
+    return torch.empty(0, dtype=torch.float32).set_(storage, _HEADER_INTS, tuple(int(s) for s in shape))
+
+
+class _SharedBuffer:
+    "One pool entry: a shared storage (header + ``capacity`` float32) and a numpy view of its header."
+    def __init__(self, nb_floats, index):
+        self.storage = torch.UntypedStorage(4 * (_HEADER_INTS + nb_floats)).share_memory_()
+        self.header = _header(self.storage)
+        self.header[:] = 0
+        self.header[1:3] = index, os.getpid()
+        self.capacity = nb_floats
+        self.own_uses = _storage_use_count(self.storage)      # the Python storage + the header's tensor
+
+    def is_free(self):
+        # Use count first, flag second: see the ownership rule above.
+        return _storage_use_count(self.storage) == self.own_uses and self.header[0] == _FREE
+
+# %% ../nbs/04_interpolation.ipynb
+class SharedBuffers:
+    """Float32 tensors in shared memory for a DataLoader worker's batches, reused once no process holds them.
+
+    Parameters
+    ----------
+    max_buffers : int
+        Buffers kept by one process. A worker has up to ``prefetch_factor`` batches in flight, the
+        trainer holds one or two more; past that, fresh shared buffers used once.
+
+    Attributes
+    ----------
+    stats : dict
+        Counts since the last `reset`: ``created`` (pooled buffers allocated, or re-allocated larger),
+        ``reused``, ``fallbacks`` (fresh buffers used once, every pooled one busy) and ``lent``.
+    """
+    def __init__(self, max_buffers=8):
+        self.max_buffers = max_buffers
+        self.reset()
+
+    def reset(self):
+        "Forget every buffer (a forked child must never write into its parent's)."
+        self._buffers, self._lock = [], threading.Lock()
+        self.stats = dict(created=0, reused=0, fallbacks=0, lent=0)
+
+    def empty(self, shape):
+        "An uninitialised C-contiguous float32 tensor of ``shape`` in shared memory, in a buffer nobody holds."
+        size = int(np.prod(shape))
+        with self._lock:
+            free = [buffer for buffer in self._buffers if buffer.is_free()]
+            fits = [buffer for buffer in free if buffer.capacity >= size]
+            if fits:
+                self.stats['reused'] += 1
+                return _float_view(fits[0].storage, shape)
+            if free:      # a free one too small: replaced by a larger one, so the pool does not grow
+                index = self._buffers.index(free[0])
+            elif len(self._buffers) < self.max_buffers:
+                index = len(self._buffers)
+                self._buffers.append(None)
+            else:
+                self.stats['fallbacks'] += 1
+                return _float_view(_SharedBuffer(size, -1).storage, shape)
+            self._buffers[index] = _SharedBuffer(size + size // 4, index)   # room for a larger batch
+            self.stats['created'] += 1
+            return _float_view(self._buffers[index].storage, shape)
+
+# %% ../nbs/04_interpolation.ipynb
+@patch
+def lend(self: SharedBuffers, tensor):
+    """What to pickle for ``tensor``: a loan when it lives in one of this pool's buffers (then marked lent), else ``tensor``.
+
+    Call it from a ``__reduce__`` (see `sampler.StreamlineBatch`): the receiving process gets a
+    tensor whose death marks the buffer free again.
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != 'cpu':
+        return tensor
+    pointer = tensor.untyped_storage().data_ptr()
+    with self._lock:
+        for buffer in self._buffers:
+            if buffer is not None and buffer.storage.data_ptr() == pointer:
+                buffer.header[0] = _LENT
+                buffer.header[3] += 1
+                self.stats['lent'] += 1
+                return _Loan(tensor)
+    return tensor
+
+
+class _Loan:
+    "A tensor of a shared buffer, pickled so that the receiver frees the buffer when done with it."
+    def __init__(self, tensor): self.tensor = tensor
+    def __reduce__(self): return _receive_loan, (self.tensor,)
+
+
+def _release(header):
+    header[0] = _FREE
+
+
+def _receive_loan(tensor):
+    "In the receiving process: ``tensor`` in a storage of its own, whose death clears its buffer's flag."
+    header = _header(tensor.untyped_storage())
+    rows = tensor.numpy()
+    weakref.finalize(rows, _release, header)     # `rows` dies with the last tensor made from it
+    return torch.from_numpy(rows)
+
+
+SHARED_BUFFERS = SharedBuffers()
+os.register_at_fork(after_in_child=SHARED_BUFFERS.reset)
 
 # %% ../nbs/04_interpolation.ipynb
 @intrinsic

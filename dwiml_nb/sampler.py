@@ -11,7 +11,7 @@ import inspect
 import logging
 import math
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .augment import (AUGMENTATION_DEFAULTS, Noise, Resample, Reverse, Split, ap
                               transforms_from_params)
 from .core import ConfigError, PackedStreamlines
 from .distributed import rank_and_world_size
-from .interpolation import (OUTPUT_BUFFERS, interpolate_with_neighborhood, neighborhood_offsets,
+from .interpolation import (OUTPUT_BUFFERS, SHARED_BUFFERS, interpolate_with_neighborhood, neighborhood_offsets,
                                     trilinear_interpolation)
 
 logger = logging.getLogger(__name__)
@@ -553,6 +553,21 @@ class StreamlineBatch:
         return list(torch.split(self.inputs, self.streamlines.lengths.tolist()))
 
 # %% ../nbs/06_sampler.ipynb
+@patch
+def __reduce__(self: StreamlineBatch):
+    values = [getattr(self, f.name) for f in fields(self)]
+    return type(self), tuple(SHARED_BUFFERS.lend(v) if f.name == 'inputs' else v for f, v in zip(fields(self), values))
+
+
+@patch
+def __copy__(self: StreamlineBatch): return replace(self)
+
+
+@patch
+def __deepcopy__(self: StreamlineBatch, memo):
+    return type(self)(*(copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)))
+
+# %% ../nbs/06_sampler.ipynb
 def stored_resampling(subset):
     "``(step_size, compress)`` the subset's HDF5 file was built with (its root attributes); None when unknown."
     return getattr(subset, 'step_size', None), getattr(subset, 'compress', None)
@@ -874,10 +889,12 @@ class BatchLoaderOneInput(BatchLoader):
         Where the interpolation runs (default CPU, as inside DataLoader workers).
     inputs_in_workers : bool
         True (default): `load_batch` interpolates wherever it runs, so every batch a DataLoader
-        yields is complete. False: inside a DataLoader worker `load_batch` leaves ``inputs`` None
-        and `add_inputs` interpolates in the main process (`DWIMLAbstractTrainer` calls it on every
-        batch). Workers then send only the points through shared memory, a few hundred KB instead of
-        N × F·K floats, and the interpolation can run on the GPU (``device='cuda'``).
+        yields is complete. In a worker the inputs are written into the worker's reused
+        shared-memory buffers (`interpolation.SharedBuffers`): sending them costs a handle, not a
+        copy. False: inside a DataLoader worker `load_batch` leaves ``inputs`` None and
+        `add_inputs` interpolates in the main process (`DWIMLAbstractTrainer` calls it on every
+        batch). Workers then send only the points, and the interpolation can run on the GPU
+        (``device='cuda'``); on the CPU it then runs on the main process's one core.
 
     Notes
     -----
@@ -990,13 +1007,19 @@ def _fill_inputs(self: BatchLoaderOneInput, batch):
     ends = np.concatenate([[0], np.cumsum(batch.streamlines.lengths)])
     runs = np.flatnonzero(np.diff(batch.subject_ids)) + 1
     first, last = np.concatenate([[0], runs]), np.concatenate([runs, [len(batch)]])
-    if len(first) == 1:
+    in_worker = self.device.type == 'cpu' and torch.utils.data.get_worker_info() is not None
+    if len(first) == 1 and not in_worker:
         return replace(batch, inputs=self._interpolate(int(batch.subject_ids[0]), batch.streamlines.data))
     shape = (batch.nb_points, self.nb_inputs)
-    # On the CPU the rows come from the interpolation's buffer pool: a fresh tensor of this size
-    # would fault in every page again on every batch.
-    inputs = (torch.from_numpy(OUTPUT_BUFFERS.empty(shape)) if self.device.type == 'cpu'
-              else torch.empty(shape, dtype=torch.float32, device=self.device))
+    # On the CPU the rows come from a pool of reused buffers: a fresh tensor of this size would
+    # fault in every page again on every batch. In a DataLoader worker, from shared-memory ones
+    # (`interpolation.SharedBuffers`), so that sending the batch sends a handle, not a copy.
+    if in_worker:
+        inputs = SHARED_BUFFERS.empty(shape)
+    elif self.device.type == 'cpu':
+        inputs = torch.from_numpy(OUTPUT_BUFFERS.empty(shape))
+    else:
+        inputs = torch.empty(shape, dtype=torch.float32, device=self.device)
     for a, b in zip(first, last):
         rows = slice(int(ends[a]), int(ends[b]))
         self._interpolate(int(batch.subject_ids[a]), batch.streamlines.data[rows], out=inputs[rows])
