@@ -36,6 +36,7 @@ for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMB
 
 import argparse
 import json
+import functools
 import math
 import multiprocessing
 import pickle
@@ -189,7 +190,7 @@ def send_cpu(batch, repeats=3):
             inputs.copy_(batch.inputs)
             sent = replace(batch, inputs=inputs)
             del inputs
-            cpu, data = cpu_timed(lambda: ForkingPickler.dumps(sent))
+            cpu, data = cpu_timed(functools.partial(ForkingPickler.dumps, sent))
             total += cpu
             del sent
             pickle.loads(data)
