@@ -35,8 +35,8 @@ for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMB
     os.environ.setdefault(_var, '1')
 
 import argparse
-import json
 import functools
+import json
 import math
 import multiprocessing
 import pickle
