@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -23,17 +24,17 @@ from .augment import (AUGMENTATION_DEFAULTS, Noise, Resample, Reverse, Split, ap
                               transforms_from_params)
 from .core import ConfigError, PackedStreamlines
 from .distributed import rank_and_world_size
-from .interpolation import (OUTPUT_BUFFERS, SHARED_BUFFERS, interpolate_with_neighborhood, neighborhood_offsets,
-                                    trilinear_interpolation)
+from .interpolation import (OUTPUT_BUFFERS, SHARED_BUFFERS, SharedBuffers, interpolate_with_neighborhood,
+                                    neighborhood_offsets, trilinear_interpolation)
 
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'BATCH_SIZE_UNITS', 'SHARD_TOLERANCE', 'EXACT_SEARCH_MAX', 'DWIMLBatchIDSampler', 'DWIMLAbstractBatchLoader',
-           'NEIGHBORHOOD_TYPES', 'DWIMLBatchLoaderOneInput', 'BatchPart', 'estimate_nb_points', 'streamline_costs',
-           'plan_epoch', 'batch_spread', 'deal_lpt', 'balance_round', 'shard_plan', 'StreamlineBatch',
-           'stored_resampling', 'BatchIDSampler', 'BatchLoader', 'BatchLoaderOneInput', 'AbstractBatchSampler',
-           'BatchStreamlinesSamplerOneInput']
+__all__ = ['logger', 'BATCH_SIZE_UNITS', 'SHARD_TOLERANCE', 'EXACT_SEARCH_MAX', 'SHARED_POINTS', 'DWIMLBatchIDSampler',
+           'DWIMLAbstractBatchLoader', 'NEIGHBORHOOD_TYPES', 'DWIMLBatchLoaderOneInput', 'BatchPart',
+           'estimate_nb_points', 'streamline_costs', 'plan_epoch', 'batch_spread', 'deal_lpt', 'balance_round',
+           'shard_plan', 'StreamlineBatch', 'stored_resampling', 'BatchIDSampler', 'BatchLoader', 'BatchLoaderOneInput',
+           'AbstractBatchSampler', 'BatchStreamlinesSamplerOneInput']
 
 # %% ../nbs/06_sampler.ipynb
 class BatchPart(tuple):
@@ -555,8 +556,33 @@ class StreamlineBatch:
 # %% ../nbs/06_sampler.ipynb
 @patch
 def __reduce__(self: StreamlineBatch):
-    values = [getattr(self, f.name) for f in fields(self)]
-    return type(self), tuple(SHARED_BUFFERS.lend(v) if f.name == 'inputs' else v for f, v in zip(fields(self), values))
+    lend = {'inputs': SHARED_BUFFERS.lend, 'streamlines': _lend_points}
+    return type(self), tuple(lend.get(f.name, lambda v: v)(getattr(self, f.name)) for f in fields(self))
+
+
+SHARED_POINTS = SharedBuffers()
+os.register_at_fork(after_in_child=SHARED_POINTS.reset)
+
+
+def _lend_points(streamlines):
+    "What to pickle for a batch's `PackedStreamlines`: in a DataLoader worker, its float32 points as a loan."
+    data = streamlines.data
+    if torch.utils.data.get_worker_info() is None or data.dtype != np.float32 or data.size == 0:
+        return streamlines
+    shared = SHARED_POINTS.empty(data.shape)
+    shared.numpy()[...] = data
+    return _LentPoints(SHARED_POINTS.lend(shared), streamlines.offsets, streamlines.lengths)
+
+
+class _LentPoints:
+    "A `PackedStreamlines` whose points are a loan of a shared buffer."
+    def __init__(self, loan, offsets, lengths): self.loan, self.offsets, self.lengths = loan, offsets, lengths
+    def __reduce__(self): return _receive_points, (self.loan, self.offsets, self.lengths)
+
+
+def _receive_points(points, offsets, lengths):
+    # `points` is the received loan (a tensor): its numpy view keeps the buffer busy while it lives.
+    return PackedStreamlines(points.numpy(), offsets, lengths)
 
 
 @patch

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dwiml_nb.dataset import MultiSubjectDataset
 from dwiml_nb.interpolation import SHARED_BUFFERS, SharedBuffers
-from dwiml_nb.sampler import BatchStreamlinesSamplerOneInput
+from dwiml_nb.sampler import SHARED_POINTS, BatchStreamlinesSamplerOneInput
 from dwiml_nb.testing import write_dwiml_hdf5
 
 AUGMENT = dict(split_ratio=0.3, reverse_ratio=0.5, noise_gaussian_size=0.3)
@@ -60,9 +60,9 @@ def assert_same_batch(got, want):
 
 # Module-level, so that spawned workers can unpickle them.
 def load_with_stats(sampler, parts):
-    "The worker's batch, and its pool's counts after making it (with the worker's id)."
+    "The worker's batch, and its pools' counts after making it (with the worker's id; 'points': the points' pool)."
     batch = sampler.load_batch(parts)
-    return batch, {**SHARED_BUFFERS.stats, 'worker': torch.utils.data.get_worker_info().id}
+    return batch, {**SHARED_BUFFERS.stats, 'points': dict(SHARED_POINTS.stats), 'worker': torch.utils.data.get_worker_info().id}
 
 
 def small_pool(max_buffers, worker_id):
@@ -88,13 +88,18 @@ def test_same_batches_as_0_workers_and_buffers_reused(training_set, start_method
             assert_same_batch(batch, want[batch.epoch, batch.batch_index])
             # Received as a loan: a storage of its own (not the worker's shared one) ...
             assert not batch.inputs.is_shared()
+            # ... and so are the points: a numpy view of a loaned tensor.
+            assert not batch.streamlines.data.flags.owndata   # pickled by value, numpy would own a copy
             got.append((batch.epoch, batch.batch_index))
             last[worker_stats['worker']] = worker_stats
             del batch                                          # ... that frees the buffer when dropped
     assert got == list(want) and len(got) > 3 * 2
     # Batches dropped as they come: each worker allocates a few buffers, then reuses them.
-    assert sum(s['reused'] for s in last.values()) > sum(s['created'] for s in last.values())
-    assert all(s['fallbacks'] == 0 for s in last.values())
+    for stats in (list(last.values()), [s['points'] for s in last.values()]):
+        assert sum(s['reused'] for s in stats) > sum(s['created'] for s in stats)
+        assert all(s['fallbacks'] == 0 for s in stats)
+    # The points, a few hundred KB a batch, travel as a handle too: lent once per batch.
+    assert sum(s['points']['lent'] for s in last.values()) == sum(s['lent'] for s in last.values())
 
 
 def test_workers_reuse_released_buffers_and_fall_back_when_all_are_busy(training_set):
@@ -112,8 +117,8 @@ def test_workers_reuse_released_buffers_and_fall_back_when_all_are_busy(training
             if epoch == 0:
                 kept.append(batch)
             elif i % 3 == 0:
-                views.append(batch.inputs[1:5].numpy())
-                view_values.append(views[-1].copy())
+                views += [batch.inputs[1:5].numpy(), batch.streamlines.data[2:6]]
+                view_values += [v.copy() for v in views[-2:]]
             elif i % 3 == 1:
                 batch.inputs.share_memory_()                   # the loan is copied out, the buffer freed
                 kept.append(batch)
