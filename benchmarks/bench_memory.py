@@ -88,7 +88,7 @@ def bare_loop(hdf5_file, epochs, batches):
         loader = DataLoader(train.source_data, batch_sampler=train, collate_fn=train.load_batch,
                             num_workers=NUM_WORKERS)
         for batch in loader:
-            # make_samplers leaves the interpolation to the main process (inputs_in_workers=False), as the trainer does
+            # As the trainer does: a no-op when the workers interpolated (make_samplers' samplers do)
             batch = train.add_inputs(batch)
             optimizer.zero_grad()
             loss, _ = compute_loss_on_batch(model, batch, 'cpu')

@@ -68,7 +68,7 @@ def bare_loop(hdf5_file, epochs, num_workers, device, max_batches=None):
     for epoch in range(epochs):
         train.set_epoch(epoch)
         for batch in loader:
-            # The workers send the points only (inputs_in_workers=False): interpolate here, as the trainer does.
+            # As the trainer does: a no-op when the workers interpolated (make_samplers' samplers do).
             batch = train.add_inputs(batch)
             optimizer.zero_grad()
             loss, _ = compute_loss_on_batch(model, batch, device)

@@ -46,10 +46,10 @@ def make_samplers(dataset, input_group, streamline_group, *, batch_size, seed=12
     (BatchStreamlinesSamplerOneInput, BatchStreamlinesSamplerOneInput or None)
         The validation sampler is None when the dataset has no validation subject.
     """
-    # inputs_in_workers=False: DataLoader workers send only the points and the trainer interpolates
-    # (measured faster with workers: a batch's inputs are tens of MB to pass through shared memory).
+    # The samplers interpolate on the CPU wherever they run: DataLoader workers do it in parallel and
+    # lend the inputs from shared buffers they reuse (a handle per batch, not a copy).
     common = dict(batch_size=batch_size, batch_size_units='nb_streamlines', seed=seed, step_size=step_size,
-                  neighborhood_type=neighborhood_type, inputs_in_workers=False,
+                  neighborhood_type=neighborhood_type,
                   neighborhood_radius=neighborhood_radius if neighborhood_type else 0)
     train = BatchStreamlinesSamplerOneInput(
         dataset.training_set, streamline_group, input_group, split_ratio=split_ratio, reverse_ratio=reverse_ratio,
