@@ -138,7 +138,7 @@ OUTPUT_BUFFERS = OutputBuffers()
 
 # %% ../nbs/04_interpolation.ipynb
 _HEADER_INTS = 16        # 64 bytes before the data: the data stays 64-byte aligned (SIMD rows)
-_FREE, _LENT = 0, 1      # header[0]: is a tensor of this buffer alive in another process?
+_FREE, _LENT, _HANDED_OUT = 0, 1, 2   # header[0]: free / lent (to another process) / handed out, not lent
 
 
 def _storage_use_count(storage):
@@ -147,7 +147,7 @@ def _storage_use_count(storage):
 
 
 def _header(storage):
-    "The int32 header of a shared buffer: [flag, index in its pool (-1: used once), owner pid, times lent]."
+    "The int32 header of a shared buffer: [flag, its slot in the pool when made (-1: used once), owner pid, times lent]."
     return torch.empty(0, dtype=torch.int32).set_(storage, 0, (_HEADER_INTS,)).numpy()
 
 
@@ -166,9 +166,16 @@ class _SharedBuffer:
         self.capacity = nb_floats
         self.own_uses = _storage_use_count(self.storage)      # the Python storage + the header's tensor
 
-    def is_free(self):
-        # Use count first, flag second: see the ownership rule above.
-        return _storage_use_count(self.storage) == self.own_uses and self.header[0] == _FREE
+    def state(self):
+        "'free', 'busy' or 'dropped' (its tensors died here, not lent: retire it), by the ownership rule above."
+        if _storage_use_count(self.storage) != self.own_uses:     # use count first, flag second
+            return 'busy'
+        flag = self.header[0]
+        return 'free' if flag == _FREE else 'dropped' if flag == _HANDED_OUT else 'busy'
+
+    def hand_out(self, shape):
+        self.header[0] = _HANDED_OUT
+        return _float_view(self.storage, shape)
 
 # %% ../nbs/04_interpolation.ipynb
 class SharedBuffers:
@@ -184,7 +191,8 @@ class SharedBuffers:
     ----------
     stats : dict
         Counts since the last `reset`: ``created`` (pooled buffers allocated, or re-allocated larger),
-        ``reused``, ``fallbacks`` (fresh buffers used once, every pooled one busy) and ``lent``.
+        ``reused``, ``fallbacks`` (fresh buffers used once, every pooled one busy), ``lent`` and
+        ``retired`` (dropped without being lent: maybe sent some other way, never reused).
     """
     def __init__(self, max_buffers=8):
         self.max_buffers = max_buffers
@@ -193,17 +201,20 @@ class SharedBuffers:
     def reset(self):
         "Forget every buffer (a forked child must never write into its parent's)."
         self._buffers, self._lock = [], threading.Lock()
-        self.stats = dict(created=0, reused=0, fallbacks=0, lent=0)
+        self.stats = dict(created=0, reused=0, fallbacks=0, lent=0, retired=0)
 
     def empty(self, shape):
         "An uninitialised C-contiguous float32 tensor of ``shape`` in shared memory, in a buffer nobody holds."
         size = int(np.prod(shape))
         with self._lock:
-            free = [buffer for buffer in self._buffers if buffer.is_free()]
+            states = [(buffer, buffer.state()) for buffer in self._buffers]
+            self._buffers = [buffer for buffer, state in states if state != 'dropped']
+            self.stats['retired'] += len(states) - len(self._buffers)
+            free = [buffer for buffer, state in states if state == 'free']
             fits = [buffer for buffer in free if buffer.capacity >= size]
             if fits:
                 self.stats['reused'] += 1
-                return _float_view(fits[0].storage, shape)
+                return fits[0].hand_out(shape)
             if free:      # a free one too small: replaced by a larger one, so the pool does not grow
                 index = self._buffers.index(free[0])
             elif len(self._buffers) < self.max_buffers:
@@ -211,10 +222,10 @@ class SharedBuffers:
                 self._buffers.append(None)
             else:
                 self.stats['fallbacks'] += 1
-                return _float_view(_SharedBuffer(size, -1).storage, shape)
+                return _SharedBuffer(size, -1).hand_out(shape)
             self._buffers[index] = _SharedBuffer(size + size // 4, index)   # room for a larger batch
             self.stats['created'] += 1
-            return _float_view(self._buffers[index].storage, shape)
+            return self._buffers[index].hand_out(shape)
 
 # %% ../nbs/04_interpolation.ipynb
 @patch

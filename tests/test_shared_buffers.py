@@ -3,7 +3,8 @@
 Real HDF5 files, real DataLoader worker processes (fork and spawn). What must hold: the batches
 are bitwise those of 0 workers; a batch (or a view of its inputs) the main process keeps is never
 overwritten by a later batch; buffers are reused once released; when every buffer is busy the
-worker falls back to fresh ones.
+worker falls back to fresh ones; inputs a collate function sends outside their batch (torch then
+shares the buffer itself) are never overwritten either.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import functools
 import gc
 import multiprocessing
+from dataclasses import replace
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -162,19 +164,45 @@ def test_a_loan_in_one_process():
     assert len(data) < 1000                                   # a handle, not 6 kB of floats
     buffer = pool._buffers[0]
     del sent
-    assert not buffer.is_free()                               # lent and not received
+    assert buffer.state() == 'busy'                           # lent and not received
     received = ForkingPickler.loads(data)
     assert torch.equal(received, torch.arange(1500.).reshape(300, 5))
     column = received[:, 2]
     kept = copy.deepcopy(received[:2])
     del received
     gc.collect()
-    assert not buffer.is_free()                               # a view lives
+    assert buffer.state() == 'busy'                           # a view lives
     del column
     gc.collect()
-    assert buffer.is_free()
+    assert buffer.state() == 'free'
     assert torch.equal(kept, torch.arange(10.).reshape(2, 5))
     other = pool.empty((300, 5))
     assert other.untyped_storage().data_ptr() == buffer.storage.data_ptr()
     assert pool.empty((1, 5)).untyped_storage().data_ptr() != buffer.storage.data_ptr()   # busy: a fresh one
-    assert pool.stats == dict(created=1, reused=1, fallbacks=1, lent=1)
+    assert pool.stats == dict(created=1, reused=1, fallbacks=1, lent=1, retired=0)
+
+
+# Module-level, for the workers.
+def inputs_outside_their_batch(sampler, parts):
+    "A collate function that sends the inputs beside the batch, not in it: torch shares their buffer itself."
+    batch = sampler.load_batch(parts)
+    return batch.inputs, replace(batch, inputs=None), dict(SHARED_BUFFERS.stats)
+
+
+def test_inputs_sent_outside_their_batch_are_never_overwritten(training_set):
+    want = reference_batches(training_set, (0, 1))
+    sampler = make_sampler(training_set)
+    loader = DataLoader(sampler.source_data, batch_sampler=sampler, num_workers=2, persistent_workers=True,
+                        collate_fn=functools.partial(inputs_outside_their_batch, sampler))
+    kept, stats = [], []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        for inputs, batch, worker_stats in loader:
+            assert inputs.is_shared()                      # the worker's buffer itself, mapped here
+            kept.append((inputs, batch))
+            stats.append(worker_stats)
+    # Every one kept maps a buffer the worker handed out and never got back: none was reused.
+    assert len({inputs.untyped_storage().data_ptr() for inputs, _ in kept}) == len(kept)
+    for inputs, batch in kept:
+        assert torch.equal(inputs, want[batch.epoch, batch.batch_index].inputs)
+    assert sum(s['retired'] for s in stats) > 0 and all(s['reused'] == 0 and s['lent'] == 0 for s in stats)
