@@ -267,7 +267,8 @@ def _receive_loan(tensor):
 
 
 SHARED_BUFFERS = SharedBuffers()
-os.register_at_fork(after_in_child=SHARED_BUFFERS.reset)
+if hasattr(os, 'register_at_fork'):   # no fork on Windows: workers are spawned, with fresh pools
+    os.register_at_fork(after_in_child=SHARED_BUFFERS.reset)
 
 # %% ../nbs/04_interpolation.ipynb
 @intrinsic

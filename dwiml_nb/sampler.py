@@ -561,7 +561,8 @@ def __reduce__(self: StreamlineBatch):
 
 
 SHARED_POINTS = SharedBuffers()
-os.register_at_fork(after_in_child=SHARED_POINTS.reset)
+if hasattr(os, 'register_at_fork'):   # no fork on Windows: workers are spawned, with fresh pools
+    os.register_at_fork(after_in_child=SHARED_POINTS.reset)
 
 
 def _lend_points(streamlines):
