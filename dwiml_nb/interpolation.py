@@ -219,13 +219,16 @@ class SharedBuffers:
                 index = self._buffers.index(free[0])
             elif len(self._buffers) < self.max_buffers:
                 index = len(self._buffers)
-                self._buffers.append(None)
             else:
                 self.stats['fallbacks'] += 1
                 return _SharedBuffer(size, -1).hand_out(shape)
-            self._buffers[index] = _SharedBuffer(size + size // 4, index)   # room for a larger batch
+            buffer = _SharedBuffer(size + size // 4, index)   # room for a larger batch
+            if index < len(self._buffers):
+                self._buffers[index] = buffer
+            else:
+                self._buffers.append(buffer)
             self.stats['created'] += 1
-            return self._buffers[index].hand_out(shape)
+            return buffer.hand_out(shape)
 
 # %% ../nbs/04_interpolation.ipynb
 @patch
@@ -240,7 +243,7 @@ def lend(self: SharedBuffers, tensor):
     pointer = tensor.untyped_storage().data_ptr()
     with self._lock:
         for buffer in self._buffers:
-            if buffer is not None and buffer.storage.data_ptr() == pointer:
+            if buffer.storage.data_ptr() == pointer:
                 buffer.header[0] = _LENT
                 buffer.header[3] += 1
                 self.stats['lent'] += 1
