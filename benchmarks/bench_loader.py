@@ -14,10 +14,10 @@ streamlines, loaded in RAM), with batches of 512 streamlines resampled to 0.5 mm
     workers' start-up. The target (#13.3) is >= 1.7× on a 2-core machine; on a machine shared with
     other work the ratio is bounded by the cores actually free, so the load average at the start is
     printed, and 2 plain forked processes splitting the same batches (nothing sent, no DataLoader)
-    show what the machine allows two loaders. Beside it,
-    the CPU time a worker spends sending one batch (pickling it into the result queue), as a share
-    of `load_batch`: with the inputs in private memory (how workers sent them before: torch copies
-    them to shared memory) and in the worker's reused shared buffers (how they send them now).
+    show what the machine allows two loaders. Beside it, the CPU time a worker spends sending one
+    batch (pickling it into the result queue), as a share of `load_batch`: with the inputs in
+    private memory (how workers sent them before: torch copies them to shared memory) and in the
+    worker's reused shared buffers (how they send them now).
 
 Only the public API is used: the sampler's constructor, iterating it, ``load_batch(parts)``.
 
@@ -214,12 +214,13 @@ def loader_cpu_seconds():
 
 
 def loader_points_per_s(subset, sampler, num_workers):
-    """Points per wall-clock second, and per CPU second, of the best steady-state epoch through one DataLoader with persistent workers.
+    """Points per wall-clock second and per CPU second, and cores used, of one DataLoader with persistent workers.
 
     The first epoch pays once-per-process costs (worker start-up, loading numba's compiled kernels);
-    the next ones are the steady state a training run lives in: the best of them is kept. CPU seconds are those of the main
-    process and its workers together (``/proc`` tick resolution): with other work on the machine,
-    points per CPU second tell what the pipeline costs, whatever the cores it was given.
+    the next ones are the steady state a training run lives in: the best of them is kept. CPU
+    seconds are those of the main process and its workers together (``/proc`` tick resolution):
+    with other work on the machine, points per CPU second tell what the pipeline costs, whatever
+    the cores it was given.
     """
     loader = DataLoader(subset, batch_sampler=sampler, collate_fn=sampler.load_batch, num_workers=num_workers,
                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
@@ -323,7 +324,8 @@ def markdown(result):
     lines += ['', f"Dataset: volume {s['dims']}×{s['nb_features']} float32 in RAM, {s['nb_streamlines']:,} streamlines; "
               f"batches of {s['batch_size']} streamlines (step {STEP_MM} mm, {AUGMENT}), {s['nb_batches']} batches; "
               f"baseline on the first {s['baseline_batches']} of them. Workers: wall-clock points/s of the best of "
-              f"{EPOCHS_TIMED} epochs of {s['worker_batches']} batches (after a start-up one) of one DataLoader with persistent workers; {s['cpus']} CPUs, load average "
+              f"{EPOCHS_TIMED} epochs of {s['worker_batches']} batches (after a start-up one) of one DataLoader "
+              f"with persistent workers; {s['cpus']} CPUs, load average "
               f"{s['load_average']:.1f} at the start (a shared machine bounds the 2-worker ratio by the cores free: "
               "'cores used' is the CPU time of the main process and the workers over the wall time, and the "
               "points per CPU-second of 2 workers over those of 0 workers bound what 2 free cores give, "
