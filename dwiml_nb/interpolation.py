@@ -203,9 +203,12 @@ class SharedBuffers:
         self._buffers, self._lock = [], threading.Lock()
         self.stats = dict(created=0, reused=0, fallbacks=0, lent=0, retired=0)
 
-    def empty(self, shape):
-        "An uninitialised C-contiguous float32 tensor of ``shape`` in shared memory, in a buffer nobody holds."
-        size = int(np.prod(shape))
+    def empty(self, shape, extra=0):
+        """An uninitialised C-contiguous float32 tensor of ``shape`` in shared memory, in a buffer nobody holds.
+
+        ``extra``: float32 values of room to keep after it, for what `lend_with_tail` sends along.
+        """
+        size = int(np.prod(shape)) + int(extra)
         with self._lock:
             states = [(buffer, buffer.state()) for buffer in self._buffers]
             self._buffers = [buffer for buffer, state in states if state != 'dropped']
@@ -238,35 +241,81 @@ def lend(self: SharedBuffers, tensor):
     Call it from a ``__reduce__`` (see `sampler.StreamlineBatch`): the receiving process gets a
     tensor whose death marks the buffer free again.
     """
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type != 'cpu':
-        return tensor
-    pointer = tensor.untyped_storage().data_ptr()
     with self._lock:
-        for buffer in self._buffers:
-            if buffer.storage.data_ptr() == pointer:
-                buffer.header[0] = _LENT
-                buffer.header[3] += 1
-                self.stats['lent'] += 1
-                return _Loan(tensor)
-    return tensor
+        buffer = self._holder(tensor)
+        if buffer is None:
+            return tensor
+        self._mark_lent(buffer)
+        return _Loan(tensor)
+
+
+@patch
+def lend_with_tail(self: SharedBuffers, tensor, tail):
+    """One loan for ``tensor`` and the float32 values ``tail``, written into its buffer right after it.
+
+    Each handle costs the receiver a socket round trip to the sender (the file descriptor of the
+    shared memory travels through multiprocessing's resource sharer): a batch's points sent this
+    way, beside its inputs, save one per batch. The loan unpickles as ``(tensor, tail)``, a tensor
+    and an ndarray of ``tail``'s shape, views of one storage.
+
+    Returns None, having lent nothing, unless ``tensor`` is this pool's, starts its buffer, is
+    C-contiguous and leaves room for ``tail`` (`empty`'s ``extra``).
+    """
+    tail = np.asarray(tail)
+    if tail.dtype != np.float32:
+        return None
+    with self._lock:
+        buffer = self._holder(tensor)
+        if (buffer is None or not tensor.is_contiguous() or tensor.storage_offset() != _HEADER_INTS
+                or tensor.numel() + tail.size > buffer.capacity):
+            return None
+        both = _float_view(buffer.storage, (tensor.numel() + tail.size,))
+        both[tensor.numel():].numpy()[...] = tail.reshape(-1)
+        self._mark_lent(buffer)
+        return _Loan(both, (tuple(tensor.shape), tail.shape))
+
+
+@patch
+def _holder(self: SharedBuffers, tensor):
+    "The pool buffer ``tensor`` lives in, or None."
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != 'cpu':
+        return None
+    pointer = tensor.untyped_storage().data_ptr()
+    return next((buffer for buffer in self._buffers if buffer.storage.data_ptr() == pointer), None)
+
+
+@patch
+def _mark_lent(self: SharedBuffers, buffer):
+    buffer.header[0] = _LENT
+    buffer.header[3] += 1
+    self.stats['lent'] += 1
 
 
 class _Loan:
-    "A tensor of a shared buffer, pickled so that the receiver frees the buffer when done with it."
-    def __init__(self, tensor): self.tensor = tensor
-    def __reduce__(self): return _receive_loan, (self.tensor,)
+    "A tensor of a shared buffer (with the shapes of its parts), pickled so that the receiver frees the buffer when done."
+    def __init__(self, tensor, parts=None): self.tensor, self.parts = tensor, parts
+    def __reduce__(self): return _receive_loan, (self.tensor,) if self.parts is None else (self.tensor, self.parts)
 
 
 def _release(header):
     header[0] = _FREE
 
 
-def _receive_loan(tensor):
-    "In the receiving process: ``tensor`` in a storage of its own, whose death clears its buffer's flag."
+def _receive_loan(tensor, parts=None):
+    """In the receiving process: ``tensor`` in a storage of its own, whose death clears its buffer's flag.
+
+    With ``parts`` (two shapes): a tensor of the first and an ndarray of the second, back to back in it.
+    """
     header = _header(tensor.untyped_storage())
     rows = tensor.numpy()
-    weakref.finalize(rows, _release, header)     # `rows` dies with the last tensor made from it
-    return torch.from_numpy(rows)
+    weakref.finalize(rows, _release, header)     # `rows` dies with the last tensor or array made from it
+    if parts is None:
+        return torch.from_numpy(rows)
+    first, second = parts
+    split = int(np.prod(first))
+    # Each part a numpy slice of `rows`, not a torch view of one tensor: a tensor's storage can be
+    # swapped for another (`share_memory_`), which would let `rows` go while the other part lives.
+    return torch.from_numpy(rows[:split].reshape(first)), rows[split:].reshape(second)
 
 
 SHARED_BUFFERS = SharedBuffers()

@@ -556,8 +556,25 @@ class StreamlineBatch:
 # %% ../nbs/06_sampler.ipynb
 @patch
 def __reduce__(self: StreamlineBatch):
+    both = _lend_inputs_with_points(self)
+    if both is not None:
+        rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ('streamlines', 'inputs')}
+        return _receive_batch, (type(self), both, self.streamlines.offsets, self.streamlines.lengths, rest)
     lend = {'inputs': SHARED_BUFFERS.lend, 'streamlines': _lend_points}
     return type(self), tuple(lend.get(f.name, lambda v: v)(getattr(self, f.name)) for f in fields(self))
+
+
+def _lend_inputs_with_points(batch):
+    "In a worker, one loan of the inputs' shared buffer with the points written after them; else None."
+    data = batch.streamlines.data
+    if torch.utils.data.get_worker_info() is None or data.size == 0:
+        return None
+    return SHARED_BUFFERS.lend_with_tail(batch.inputs, data)
+
+
+def _receive_batch(cls, inputs_and_points, offsets, lengths, rest):
+    inputs, points = inputs_and_points
+    return cls(streamlines=PackedStreamlines(points, offsets, lengths), inputs=inputs, **rest)
 
 
 SHARED_POINTS = SharedBuffers()
@@ -1040,9 +1057,10 @@ def _fill_inputs(self: BatchLoaderOneInput, batch):
     shape = (batch.nb_points, self.nb_inputs)
     # On the CPU the rows come from a pool of reused buffers: a fresh tensor of this size would
     # fault in every page again on every batch. In a DataLoader worker, from shared-memory ones
-    # (`interpolation.SharedBuffers`), so that sending the batch sends a handle, not a copy.
+    # (`interpolation.SharedBuffers`), so that sending the batch sends a handle, not a copy; with
+    # room for the points after them, so that one handle carries both (see `StreamlineBatch`).
     if in_worker:
-        inputs = SHARED_BUFFERS.empty(shape)
+        inputs = SHARED_BUFFERS.empty(shape, extra=batch.streamlines.data.size)
     elif self.device.type == 'cpu':
         inputs = torch.from_numpy(OUTPUT_BUFFERS.empty(shape))
     else:

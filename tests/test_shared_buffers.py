@@ -90,18 +90,41 @@ def test_same_batches_as_0_workers_and_buffers_reused(training_set, start_method
             assert_same_batch(batch, want[batch.epoch, batch.batch_index])
             # Received as a loan: a storage of its own (not the worker's shared one) ...
             assert not batch.inputs.is_shared()
-            # ... and so are the points: a numpy view of a loaned tensor.
+            # ... and so are the points: right after the inputs in the same loan (one handle for both).
             assert not batch.streamlines.data.flags.owndata   # pickled by value, numpy would own a copy
+            assert batch.streamlines.data.ctypes.data == batch.inputs.data_ptr() + 4 * batch.inputs.numel()
             got.append((batch.epoch, batch.batch_index))
             last[worker_stats['worker']] = worker_stats
             del batch                                          # ... that frees the buffer when dropped
     assert got == list(want) and len(got) > 3 * 2
     # Batches dropped as they come: each worker allocates a few buffers, then reuses them.
-    for stats in (list(last.values()), [s['points'] for s in last.values()]):
-        assert sum(s['reused'] for s in stats) > sum(s['created'] for s in stats)
-        assert all(s['fallbacks'] == 0 for s in stats)
-    # The points, a few hundred KB a batch, travel as a handle too: lent once per batch.
-    assert sum(s['points']['lent'] for s in last.values()) == sum(s['lent'] for s in last.values())
+    stats = list(last.values())
+    assert sum(s['reused'] for s in stats) > sum(s['created'] for s in stats)
+    assert all(s['fallbacks'] == 0 for s in stats)
+    # The points, a few hundred KB a batch, ride in the inputs' buffer: their own pool is unused.
+    assert all(s['points'] == dict(created=0, reused=0, fallbacks=0, lent=0, retired=0) for s in stats)
+
+
+@pytest.mark.parametrize('start_method', START_METHODS)
+def test_points_alone_are_lent_from_their_own_pool(training_set, start_method):
+    "Inputs left to the main process (``inputs_in_workers=False``): the points still travel as a loan."
+    want = reference_batches(training_set, (0, 1))
+    sampler = make_sampler(training_set, inputs_in_workers=False)
+    loader = loader_for(sampler, start_method)
+    last = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        for batch, worker_stats in loader:
+            assert batch.inputs is None
+            assert isinstance(batch.streamlines.data.base, torch.Tensor)    # a view of the loan
+            assert_same_batch(sampler.add_inputs(batch), want[batch.epoch, batch.batch_index])
+            last[worker_stats['worker']] = worker_stats
+            del batch
+    stats = [s['points'] for s in last.values()]
+    assert sum(s['reused'] for s in stats) > sum(s['created'] for s in stats)
+    # Counted when each batch was made, before it was sent: each worker's last one is not in yet.
+    assert sum(s['lent'] for s in stats) == len(want) - len(last)
+    assert all(s['lent'] == 0 for s in last.values())
 
 
 def test_workers_reuse_released_buffers_and_fall_back_when_all_are_busy(training_set):
