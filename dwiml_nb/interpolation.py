@@ -5,6 +5,7 @@
 # %% ../nbs/04_interpolation.ipynb 2
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -455,6 +456,9 @@ _NO_SHIFTS = np.zeros(0, np.uint64)
 def _whole_voxel_shifts(offsets, shape):
     """What the kernel needs to give all samples of a point its cell: offsets in whole voxels only.
 
+    Cached (on the offsets' values and the volume's shape): tracking interpolates a few points
+    at every step, where computing this again would cost more than the kernel.
+
     Returns
     -------
     shifts : ndarray (K,) uint64
@@ -466,6 +470,13 @@ def _whole_voxel_shifts(offsets, shape):
     reach_far : np.uint64
         Above the point's cell's flat index, how far its samples' cells reach.
     """
+    offsets = np.ascontiguousarray(offsets, dtype=np.float64)
+    return _cached_shifts(offsets.tobytes(), offsets.shape, tuple(int(n) for n in shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shifts(offset_bytes, offsets_shape, shape):
+    offsets = np.frombuffer(offset_bytes, dtype=np.float64).reshape(offsets_shape)
     whole = np.round(offsets)
     if not np.array_equal(whole, offsets):
         return _NO_SHIFTS, np.zeros(3), np.zeros(3), np.uint64(0)
