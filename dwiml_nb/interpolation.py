@@ -352,7 +352,10 @@ def _compile_hints(typingctx):
         for argument in builder.function.args:
             if isinstance(argument.type, ir.PointerType):
                 argument.add_attribute('noalias')
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        try:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except TypeError:     # a llvmlite that keeps attributes otherwise: LLVM's default width, still right
+            pass
         return context.get_dummy_value()
     return types.void(), codegen
 

@@ -112,6 +112,39 @@ def test_prefetching_does_not_change_the_result():
         np.testing.assert_array_equal(_interpolate_numba(volume, coords, offsets, prefetch_ahead=ahead), plain)
 
 
+@settings(max_examples=40, deadline=None)
+@given(dims=st.tuples(*[st.integers(2, 9)] * 3), nb_features=st.sampled_from([1, 3, 16, 17, 45]),
+       offsets=st.lists(st.tuples(*[st.integers(-3, 3)] * 3), min_size=1, max_size=9), seed=st.integers(0, 2**31))
+def test_one_cell_per_point_is_bitwise_the_general_path(dims, nb_features, offsets, seed):
+    """Whole-voxel offsets: the kernel finds one cell per point away from the borders; points from
+    float32 streamlines (as the sampler gives them), inside, near and past every border."""
+    rng = np.random.default_rng(seed)
+    volume = rng.random((*dims, nb_features), dtype=np.float32)
+    coords = rng.uniform(-1.5, np.array(dims) + 1.5, (400, 3)).astype(np.float32).astype(np.float64)
+    offsets = np.asarray(offsets, dtype=np.float64)
+    want = _interpolate_numba(volume, coords, offsets, one_cell=False)
+    np.testing.assert_array_equal(_interpolate_numba(volume, coords, offsets), want)
+    # ... and the reference, offset by offset
+    reference = np.concatenate([scipy_interpolation(volume, coords + o) for o in offsets], axis=1)
+    np.testing.assert_allclose(want, reference, atol=1e-5, rtol=0)
+
+
+def test_one_cell_per_point_with_float64_coordinates_and_fractional_offsets():
+    "Coordinates that are not float32 values, and offsets in mm that are not whole voxels (the general path)."
+    rng = np.random.default_rng(5)
+    volume = rng.random((20, 18, 16, 45), dtype=np.float32)
+    coords = rng.uniform(-1, 21, (3000, 3))
+    for offsets in (neighborhood_offsets('axes', 2), neighborhood_offsets('axes', 1, resolution=0.75)):
+        np.testing.assert_allclose(_interpolate_numba(volume, coords, offsets),
+                                   _interpolate_numba(volume, coords, offsets, one_cell=False), atol=1e-6, rtol=0)
+
+
+def test_an_out_that_overlaps_the_inputs_is_refused():
+    volume = np.zeros((4, 4, 4, 8), np.float32)
+    with pytest.raises(ConfigError, match='overlaps'):
+        _interpolate_numba(volume, np.ones((8, 3)), np.zeros((1, 3)), out=volume.reshape(-1)[:64].reshape(8, 8))
+
+
 # --- neighborhoods --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('radius', [0, 1, 2, 3])
