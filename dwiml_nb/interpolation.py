@@ -513,8 +513,9 @@ def _interpolate_numba(volume, coords, offsets, out=None, prefetch_ahead=None, o
         raise ConfigError("out= overlaps the volume, the coordinates or the offsets: give a separate array")
     if prefetch_ahead is None:
         prefetch_ahead = PREFETCH_AHEAD if len(offsets) <= PREFETCH_MAX_OFFSETS else 0
-    shifts = _whole_voxel_shifts(offsets, volume.shape) if one_cell else (_NO_SHIFTS, np.zeros(3), np.zeros(3), np.uint64(0))
     if out.size:
+        general = (_NO_SHIFTS, np.zeros(3), np.zeros(3), np.uint64(0))
+        shifts = _whole_voxel_shifts(offsets, volume.shape) if one_cell else general
         _interpolate_kernel(volume, coords, offsets, out.reshape(-1), prefetch_ahead, *shifts)
     return out
 
