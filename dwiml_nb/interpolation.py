@@ -342,15 +342,18 @@ def _prefetch(typingctx, array, index):
 
 @intrinsic
 def _compile_hints(typingctx):
-    """Mark the array arguments of the function it is called in ``noalias``, and let it use 512-bit vectors.
+    """Mark the float data of the array arguments of the function it is called in ``noalias``, and let it use 512-bit vectors.
 
     ``noalias`` is a promise (numba's parallel loops make it for their own kernels): callers must
-    pass arrays that do not overlap. The vector width is a preference LLVM ignores on CPUs without
-    AVX-512; llvmlite has no API for string attributes, so it goes into the attribute set directly.
+    pass arrays that do not overlap. It goes on the pointers to float32/float64 data only, not on
+    numba's reference-count and parent pointers, which two arguments viewing one array share. With
+    opaque pointers (no ``pointee``) nothing is marked: slower, still right. The vector width is a
+    preference LLVM ignores on CPUs without AVX-512; llvmlite has no API for string attributes, so
+    it goes into the attribute set directly.
     """
     def codegen(context, builder, signature, args):
         for argument in builder.function.args:
-            if isinstance(argument.type, ir.PointerType):
+            if isinstance(getattr(argument.type, 'pointee', None), (ir.FloatType, ir.DoubleType)):
                 argument.add_attribute('noalias')
         try:
             set.add(builder.function.attributes, '"prefer-vector-width"="512"')
