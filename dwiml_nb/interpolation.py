@@ -456,7 +456,9 @@ def _interpolate_kernel(volume, coords, offsets, flat_out, prefetch_ahead, shift
             row += nb_f
 
 
-_NO_SHIFTS = np.zeros(0, np.uint64)
+# What `_whole_voxel_shifts` gives when the offsets are not all whole voxels: no shifts, every point
+# down the general path.
+_GENERAL_PATH = (np.zeros(0, np.uint64), np.zeros(3), np.zeros(3), np.uint64(0))
 
 
 def _whole_voxel_shifts(offsets, shape):
@@ -485,7 +487,7 @@ def _cached_shifts(offset_bytes, offsets_shape, shape):
     offsets = np.frombuffer(offset_bytes, dtype=np.float64).reshape(offsets_shape)
     whole = np.round(offsets)
     if not np.array_equal(whole, offsets):
-        return _NO_SHIFTS, np.zeros(3), np.zeros(3), np.uint64(0)
+        return _GENERAL_PATH
     whole = whole.astype(np.int64)
     strides = np.array([shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3]], dtype=np.int64)
     shifts = whole @ strides
@@ -517,8 +519,7 @@ def _interpolate_numba(volume, coords, offsets, out=None, prefetch_ahead=None, o
     if prefetch_ahead is None:
         prefetch_ahead = PREFETCH_AHEAD if len(offsets) <= PREFETCH_MAX_OFFSETS else 0
     if out.size:
-        general = (_NO_SHIFTS, np.zeros(3), np.zeros(3), np.uint64(0))
-        shifts = _whole_voxel_shifts(offsets, volume.shape) if one_cell else general
+        shifts = _whole_voxel_shifts(offsets, volume.shape) if one_cell else _GENERAL_PATH
         _interpolate_kernel(volume, coords, offsets, out.reshape(-1), prefetch_ahead, *shifts)
     return out
 
