@@ -14,10 +14,12 @@ resampled to 1 mm with an 'axes' neighbourhood, augmentation on) is timed two wa
   the same real batches (loaded beforehand), in CPU time (`time.process_time`), beside a plain
   padded `nn.LSTM` loop of the same size (embedding + LSTM + head on `pad_sequence` tensors: the
   baseline) and the model's former packed path (`pack_padded_sequence`, with the default Adam:
-  the "before" of issue #13's "≥ 5× faster"). The model's steps are also timed on a skewed length
-  distribution (many short streamlines, a few long), with the padded run in length buckets (the
-  CPU default) and in one bucket, and with `torch.optim.Adam(..., fused=True)` (one kernel for
-  all the parameters instead of a loop of small ops: what the trainer would need to construct).
+  the "before" of issue #13's "≥ 5× faster"). The model runs its LSTM on `dwiml_nb.lstm_cpu`'s
+  packed kernel (the CPU default), and also, for comparison, on oneDNN in padded length buckets
+  (its previous default, still a GRU's path) and in one bucket. The steps are also timed on a
+  skewed length distribution (many short streamlines, a few long), and with
+  `torch.optim.Adam(..., fused=True)` (one kernel for all the parameters instead of a loop of
+  small ops: what the trainer would need to construct).
   No batch is timed twice, and no two variants (or repeats) are timed on the same batches: oneDNN
   builds its recurrent kernels for each (length, rows) shape and caches them, so a loop over the
   same batches again would time cached kernels, which training, where each batch brings new
@@ -172,7 +174,7 @@ def model_alone(hdf5_file, nb_batches, repeats, device):
     clock = time.process_time if device == 'cpu' else time.perf_counter
     _, train, _ = build(hdf5_file)
 
-    def ours(packed=False, one_bucket=False, fused_adam=False):
+    def ours(packed=False, kernel=True, one_bucket=False, fused_adam=False):
         def loss(model, batch):
             saved = models.MIN_SAVED_CELLS
             models.MIN_SAVED_CELLS = None if one_bucket else saved
@@ -182,12 +184,14 @@ def model_alone(hdf5_file, nb_batches, repeats, device):
                 models.MIN_SAVED_CELLS = saved
         def make():
             model = DirectionGetterModel(nb_features, hidden_size=64)
-            model._packed = packed
+            model._packed, model._cpu_kernel = packed, kernel
             return model
         return make, loss, dict(fused=True) if fused_adam else {}
 
-    variants = {'ours (padded, buckets)': ours(), 'ours, fused Adam': ours(fused_adam=True),
-                'ours, one bucket': ours(one_bucket=True), 'former packed path': ours(packed=True),
+    variants = {'ours (packed LSTM kernel)': ours(), 'ours, fused Adam': ours(fused_adam=True),
+                'ours, oneDNN padded buckets': ours(kernel=False),
+                'ours, oneDNN one bucket': ours(kernel=False, one_bucket=True),
+                'former packed path': ours(packed=True, kernel=False),
                 'plain padded nn.LSTM (baseline)': (lambda: PlainPaddedLSTM(nb_features),
                                                     lambda m, b: m.loss(b, device), {})}
     nb_sets = 1 + repeats * len(variants)          # an untimed set, then one per (repeat, variant)

@@ -15,6 +15,7 @@ from fastcore.basics import patch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from . import lstm_cpu
 from .core import (ConfigError, DataError, PackedStreamlines, offsets_from_lengths, progress_bar,
                            ranges_to_indices)
 
@@ -181,6 +182,9 @@ class DirectionGetterModel(nn.Module):
     # True: run the recurrence on a PackedSequence, as before (~5x slower backward on CPU); kept
     # as the reference of the tests and the "before" of benchmarks/bench_training.py.
     _packed = False
+    # False: on CPU, run an LSTM in padded length buckets (oneDNN) instead of `dwiml_nb.lstm_cpu`'s
+    # packed kernel (the benchmark's comparison; the path a GRU, or a torch without sgemm, takes).
+    _cpu_kernel = True
 
     def __init__(self, nb_features, hidden_size=64, nb_layers=1, rnn='lstm', use_previous_dirs=1, dropout=0.):
         super().__init__()
@@ -360,6 +364,11 @@ def forward(self: DirectionGetterModel, inputs, streamlines=None):
     embedded = self._embed(features, previous)
     if self._packed:
         return self._directions(_run_rnn_packed(self.rnn, embedded.index_select(0, keep), lengths))
+    if self._cpu_kernel and lstm_cpu.can_run(self.rnn, embedded):
+        layout = lstm_cpu.packed_layout(lengths.numpy())
+        hidden = lstm_cpu.run_packed_lstm(self.rnn, embedded.index_select(0, keep[layout.source]), layout)
+        # The head works point by point: run it in packed order, then reorder its 3 columns (not H).
+        return self._directions(hidden).index_select(0, layout.flat)
     return self._directions(_run_rnn_padded(self.rnn, embedded, lengths, rows=keep))
 
 

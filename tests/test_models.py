@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
+from dwiml_nb import lstm_cpu
 from dwiml_nb.core import ConfigError, DataError, PackedStreamlines
 from dwiml_nb.models import (DirectionGetterModel, _padded_layout, angular_error_degrees, compute_loss_on_batch,
                              cosine_direction_loss, direction_targets, previous_directions, track)
@@ -163,22 +164,23 @@ def test_batch_forward_equals_step_by_step_per_streamline(rnn, nb_layers, prev):
     np.testing.assert_allclose(torch.linalg.vector_norm(batched, dim=1).numpy(), 1, atol=1e-5)
 
 
-def packed_reference_run(model, inputs, streams):
-    "Outputs and parameter gradients of `model` on its padded path, then on the former packed path."
+def paths_run(model, inputs, streams):
+    """Outputs and parameter gradients of `model` on each path: its default (on CPU, the packed LSTM
+    kernel for an LSTM), padded length buckets, then the former packed path (the reference)."""
     results = []
-    for packed in (False, True):
-        model._packed = packed
+    for packed, kernel in ((False, True), (False, False), (True, False)):
+        model._packed, model._cpu_kernel = packed, kernel
         out = model(inputs, streams)
         weights = torch.linspace(-1, 2, out.numel()).reshape(out.shape)
         results.append((out.detach(), torch.autograd.grad((out * weights).sum(), list(model.parameters()))))
-    model._packed = False
+    model._packed, model._cpu_kernel = False, True
     return results
 
 
 @pytest.mark.parametrize('rnn,nb_layers,prev,max_len', [('lstm', 1, 1, 30), ('gru', 2, 2, 30), ('lstm', 3, 0, 300),
-                                                        ('gru', 1, 1, 300)])
+                                                        ('gru', 1, 1, 300), ('lstm', 2, 1, 120)])
 @pytest.mark.slow
-def test_padded_recurrence_equals_the_packed_reference_outputs_and_gradients(rnn, nb_layers, prev, max_len):
+def test_every_recurrence_path_equals_the_packed_reference_outputs_and_gradients(rnn, nb_layers, prev, max_len):
     # Random lengths with 1- and 2-point streamlines; max_len 300 spreads them over several buckets.
     torch.manual_seed(1)
     rng = np.random.default_rng(7)
@@ -188,11 +190,30 @@ def test_padded_recurrence_equals_the_packed_reference_outputs_and_gradients(rnn
     streams = [torch.tensor(np.cumsum(rng.normal(size=(n, 3)), 0), dtype=torch.float32) for n in lengths]
     inputs = [torch.randn(n, 6) for n in lengths]
     assert max_len < 100 or len(_padded_layout(lengths[lengths > 1] - 1)[1]) > 1   # several buckets
-    (padded, padded_grads), (packed, packed_grads) = packed_reference_run(model, inputs, streams)
-    assert padded.shape == (int((lengths - 1).sum()), 3)
-    torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-5)
-    for a, b in zip(padded_grads, packed_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    *paths, (packed, packed_grads) = paths_run(model, inputs, streams)
+    for out, grads in paths:
+        assert out.shape == (int((lengths - 1).sum()), 3)
+        torch.testing.assert_close(out, packed, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, packed_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not lstm_cpu.SGEMM_AVAILABLE, reason="this torch build's CPU library has no sgemm_")
+def test_an_lstm_on_cpu_trains_on_the_packed_kernel_and_a_gru_does_not(monkeypatch):
+    calls = []
+    real = lstm_cpu.run_packed_lstm
+    monkeypatch.setattr(lstm_cpu, 'run_packed_lstm', lambda *a: calls.append(1) or real(*a))
+    batch = curve_batch(np.random.default_rng(0), nb_streamlines=5, nb_points=8)
+    for rnn, expected in (('lstm', 1), ('gru', 0)):
+        calls.clear()
+        compute_loss_on_batch(DirectionGetterModel(16, hidden_size=8, rnn=rnn), batch, 'cpu')[0].backward()
+        assert len(calls) == expected
+    # Without torch's sgemm an LSTM takes the padded buckets, and still trains.
+    monkeypatch.setattr(lstm_cpu, 'SGEMM_AVAILABLE', False)
+    calls.clear()
+    model = DirectionGetterModel(16, hidden_size=8)
+    compute_loss_on_batch(model, batch, 'cpu')[0].backward()
+    assert not calls and all(p.grad is not None for p in model.parameters())
 
 
 def test_loss_on_a_batch_is_the_loss_of_the_per_streamline_call():
