@@ -18,9 +18,11 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-
-from .interpolation import _compile_hints
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .core import ConfigError
+from .interpolation import _compile_hints
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class PackedLayout:
     def __init__(self, lengths):
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.ndim != 1 or not len(lengths) or lengths.min() < 1:
-            raise ValueError(f'packed_layout needs one or more lengths, all >= 1, not {lengths!r}')
+            raise ConfigError(f'packed_layout needs one or more lengths, all >= 1, not {lengths!r}')
         nb, longest = len(lengths), int(lengths.max())
         order = np.argsort(-lengths, kind='stable')
         rank = np.empty(nb, np.int64)
@@ -276,6 +278,7 @@ class _PackedLSTMLayer(torch.autograd.Function):
         return hidden
 
     @staticmethod
+    @once_differentiable      # the kernel's arithmetic is not recorded: no gradient of a gradient
     def backward(ctx, grad_hidden):
         x, w_ih, w_hh, gates, cell, tanh_cell, hidden = ctx.saved_tensors
         layout = ctx.layout
@@ -319,10 +322,10 @@ def run_packed_lstm(rnn, x, layout):
         them back in sequence order).
     """
     if not can_run(rnn, x):
-        raise ValueError('run_packed_lstm needs a unidirectional float32 CPU nn.LSTM with biases and no '
-                         "projection, on float32 CPU inputs, and torch's sgemm (see can_run)")
+        raise ConfigError('run_packed_lstm needs a unidirectional float32 CPU nn.LSTM with biases and no '
+                          "projection, on float32 CPU inputs, and torch's sgemm (see can_run)")
     if len(x) != len(layout):
-        raise ValueError(f'{len(x)} input rows for a layout of {len(layout)} steps')
+        raise ConfigError(f'{len(x)} input rows for a layout of {len(layout)} steps')
     out = x
     for layer in range(rnn.num_layers):
         if layer:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 from dwiml_nb import lstm_cpu
+from dwiml_nb.core import ConfigError
 from dwiml_nb.lstm_cpu import can_run, packed_layout, run_packed_lstm
 
 needs_sgemm = pytest.mark.skipif(not lstm_cpu.SGEMM_AVAILABLE, reason="this torch build's CPU library has no sgemm_")
@@ -126,11 +127,21 @@ def test_what_cannot_run_is_refused():
     for rnn in (nn.GRU(3, 4), nn.LSTM(3, 4, bidirectional=True), nn.LSTM(3, 4, bias=False),
                 nn.LSTM(3, 4, proj_size=2), nn.LSTM(3, 4).double()):
         assert not can_run(rnn, x)
-        with pytest.raises(ValueError, match='unidirectional float32 CPU'):
+        with pytest.raises(ConfigError, match='unidirectional float32 CPU'):
             run_packed_lstm(rnn, x, packed_layout([5]))
     assert not can_run(nn.LSTM(3, 4), x.double())
-    with pytest.raises(ValueError, match='all >= 1'):
+    with pytest.raises(ConfigError, match='all >= 1'):
         packed_layout([3, 0])
+
+
+@needs_sgemm
+def test_a_gradient_of_a_gradient_is_refused_not_wrong():
+    rnn = nn.LSTM(3, 4)
+    x = torch.randn(5, 3, requires_grad=True)
+    out = run_packed_lstm(rnn, x, packed_layout([5]))
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable|does not require grad'):
+        grad.sum().backward()
 
 
 def test_without_sgemm_nothing_runs_the_kernel(monkeypatch):
