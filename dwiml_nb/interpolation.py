@@ -29,9 +29,9 @@ from .core import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'OUTPUT_BUFFERS', 'SHARED_BUFFERS', 'PREFETCH_AHEAD',
-           'PREFETCH_MAX_OFFSETS', 'BACKENDS', 'neighborhood_offsets', 'OutputBuffers', 'SharedBuffers',
-           'interpolate_with_neighborhood', 'trilinear_interpolation']
+__all__ = ['logger', 'NEIGHBORHOOD_KINDS', 'NEIGHBORHOOD_UNITS', 'OUTPUT_BUFFERS', 'SHARED_BUFFERS', 'MAPPED_BUFFERS',
+           'PREFETCH_AHEAD', 'PREFETCH_MAX_OFFSETS', 'BACKENDS', 'neighborhood_offsets', 'OutputBuffers',
+           'SharedBuffers', 'MappedBuffers', 'interpolate_with_neighborhood', 'trilinear_interpolation']
 
 # %% ../nbs/04_interpolation.ipynb
 NEIGHBORHOOD_KINDS = (None, 'axes', 'grid')
@@ -141,6 +141,8 @@ OUTPUT_BUFFERS = OutputBuffers()
 # %% ../nbs/04_interpolation.ipynb
 _HEADER_INTS = 16        # 64 bytes before the data: the data stays 64-byte aligned (SIMD rows)
 _FREE, _LENT, _HANDED_OUT = 0, 1, 2   # header[0]: free / lent (to another process) / handed out, not lent
+# header[4:6]: the buffer's random key; [6]: pid of a receiver that keeps it mapped; [7]: 1 once its pool dropped it
+_KEY, _MAPPED_BY, _GONE = slice(4, 6), 6, 7
 
 
 def _storage_use_count(storage):
@@ -149,7 +151,8 @@ def _storage_use_count(storage):
 
 
 def _header(storage):
-    "The int32 header of a shared buffer: [flag, its slot in the pool when made (-1: used once), owner pid, times lent]."
+    """The int32 header of a shared buffer: [flag, its slot in the pool when made (-1: used once), owner pid,
+    times lent, key (2 ints), pid of a receiver keeping it mapped (0: none), gone (1: its pool dropped it)]."""
     return torch.empty(0, dtype=torch.int32).set_(storage, 0, (_HEADER_INTS,)).numpy()
 
 
@@ -165,6 +168,7 @@ class _SharedBuffer:
         self.header = _header(self.storage)
         self.header[:] = 0
         self.header[1:3] = index, os.getpid()
+        self.header[_KEY] = np.frombuffer(os.urandom(8), np.int32)
         self.capacity = nb_floats
         self.own_uses = _storage_use_count(self.storage)      # the Python storage + the header's tensor
 
@@ -215,6 +219,9 @@ class SharedBuffers:
             states = [(buffer, buffer.state()) for buffer in self._buffers]
             self._buffers = [buffer for buffer, state in states if state != 'dropped']
             self.stats['retired'] += len(states) - len(self._buffers)
+            for buffer, state in states:
+                if state == 'dropped':
+                    buffer.header[_GONE] = 1        # a receiver keeping it mapped may let it go
             free = [buffer for buffer, state in states if state == 'free']
             fits = [buffer for buffer in free if buffer.capacity >= size]
             if fits:
@@ -229,6 +236,7 @@ class SharedBuffers:
                 return _SharedBuffer(size, -1).hand_out(shape)
             buffer = _SharedBuffer(size + size // 4, index)   # room for a larger batch
             if index < len(self._buffers):
+                self._buffers[index].header[_GONE] = 1
                 self._buffers[index] = buffer
             else:
                 self._buffers.append(buffer)
@@ -248,7 +256,7 @@ def lend(self: SharedBuffers, tensor):
         if buffer is None:
             return tensor
         self._mark_lent(buffer)
-        return _Loan(tensor)
+        return _loan_of(buffer, tensor)
 
 
 @patch
@@ -274,7 +282,7 @@ def lend_with_tail(self: SharedBuffers, tensor, tail):
         both = _float_view(buffer.storage, (tensor.numel() + tail.size,))
         both[tensor.numel():].numpy()[...] = tail.reshape(-1)
         self._mark_lent(buffer)
-        return _Loan(both, (tuple(tensor.shape), tail.shape))
+        return _loan_of(buffer, both, (tuple(tensor.shape), tail.shape))
 
 
 @patch
@@ -299,17 +307,36 @@ class _Loan:
     def __reduce__(self): return _receive_loan, (self.tensor,) if self.parts is None else (self.tensor, self.parts)
 
 
+class _KeyLoan:
+    "The same loan by the buffer's key alone, for a receiver that keeps the buffer mapped: no handle to send."
+    def __init__(self, header, shape, parts):
+        self.owner, self.key = int(header[2]), tuple(int(k) for k in header[_KEY])
+        self.shape, self.parts = shape, parts
+    def __reduce__(self): return _receive_key_loan, (self.owner, self.key, self.shape, self.parts)
+
+
+def _loan_of(buffer, tensor, parts=None):
+    """`_KeyLoan` when this process is a DataLoader worker whose parent keeps ``buffer`` mapped, else `_Loan`.
+
+    ``tensor`` must start its buffer (C-contiguous, right after the header) for the key alone to say where it is.
+    """
+    if (buffer.header[_MAPPED_BY] != 0 and buffer.header[_MAPPED_BY] == _parent_if_worker()
+            and tensor.is_contiguous() and tensor.storage_offset() == _HEADER_INTS):
+        return _KeyLoan(buffer.header, tuple(tensor.shape), parts)
+    return _Loan(tensor, parts)
+
+
+def _parent_if_worker():
+    "The parent's pid in a DataLoader worker (the only process its batches go to), else -1."
+    return os.getppid() if torch.utils.data.get_worker_info() is not None else -1
+
+
 def _release(header):
     header[0] = _FREE
 
 
-def _receive_loan(tensor, parts=None):
-    """In the receiving process: ``tensor`` in a storage of its own, whose death clears its buffer's flag.
-
-    With ``parts`` (two shapes): a tensor of the first and an ndarray of the second, back to back in it.
-    """
-    header = _header(tensor.untyped_storage())
-    rows = tensor.numpy()
+def _views(rows, header, parts):
+    "What a loan unpickles as: tensor(s) on ``rows`` (a flat float32 ndarray), whose death clears the flag."
     weakref.finalize(rows, _release, header)     # `rows` dies with the last tensor or array made from it
     if parts is None:
         return torch.from_numpy(rows)
@@ -320,9 +347,98 @@ def _receive_loan(tensor, parts=None):
     return torch.from_numpy(rows[:split].reshape(first)), rows[split:].reshape(second)
 
 
+def _receive_loan(tensor, parts=None):
+    """In the receiving process: ``tensor`` in a storage of its own, whose death clears its buffer's flag.
+
+    With ``parts`` (two shapes): a tensor of the first and an ndarray of the second, back to back in it.
+    A pooled buffer stays mapped here (`MAPPED_BUFFERS`), so that its next loans can come by key.
+    """
+    storage = tensor.untyped_storage()
+    header = _header(storage)
+    MAPPED_BUFFERS.keep(storage, header)
+    return _views(tensor.numpy(), header, parts)
+
+
+def _receive_key_loan(owner, key, shape, parts):
+    storage, header = MAPPED_BUFFERS.get(owner, key)
+    rows = _float_view(storage, (int(np.prod(shape)),)).numpy()
+    return _views(rows if parts is not None else rows.reshape(shape), header, parts)
+
 SHARED_BUFFERS = SharedBuffers()
 if hasattr(os, 'register_at_fork'):   # no fork on Windows: workers are spawned, with fresh pools
     os.register_at_fork(after_in_child=SHARED_BUFFERS.reset)
+
+# %% ../nbs/04_interpolation.ipynb
+class MappedBuffers:
+    """The pooled shared buffers this process received and keeps mapped, by (sender pid, key).
+
+    Attributes
+    ----------
+    stats : dict
+        ``kept`` (buffers mapped and kept), ``by_key`` (loans received by key alone), ``let_go``.
+    """
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        "Forget every buffer (in a forked child: its parent's are not its own)."
+        self._buffers, self._lock = {}, threading.Lock()
+        self.stats = dict(kept=0, by_key=0, let_go=0)
+
+    def keep(self, storage, header):
+        "Keep ``storage`` (a received buffer) mapped, and tell its sender; let go of those gone for good."
+        owner, key = int(header[2]), tuple(int(k) for k in header[_KEY])
+        if header[1] < 0 or owner == os.getpid():       # used once, or our own
+            return
+        with self._lock:
+            if (owner, key) not in self._buffers:
+                self._let_go_of_ended()
+                self._buffers[owner, key] = (storage, header)
+                self.stats['kept'] += 1
+            header[_MAPPED_BY] = os.getpid()
+
+    def let_go_of_ended(self):
+        """Unmap the buffers that will never come again: dropped by their pool, or of a sender that has ended.
+
+        The trainer calls it once a DataLoader's workers are done (each epoch), so that they do not
+        stay mapped until the next loader's first batch.
+        """
+        with self._lock:
+            self._let_go_of_ended()
+
+    def _let_go_of_ended(self):
+        ended = [k for k, (_, header) in self._buffers.items() if header[_GONE] or not _alive(k[0])]
+        for k in ended:
+            del self._buffers[k]
+        self.stats['let_go'] += len(ended)
+
+    def get(self, owner, key):
+        "The (storage, header) of the buffer sent by key."
+        with self._lock:
+            found = self._buffers.get((owner, key))
+            self.stats['by_key'] += found is not None
+        if found is None:     # a pool only sends a key once its buffer is kept here: a bug, not bad data
+            raise RuntimeError(f'a loan from process {owner} names a shared buffer this process does not keep '
+                               f'(key {key}): was it pickled for another process?')
+        return found
+
+    def __len__(self):
+        return len(self._buffers)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:           # alive, someone else's
+        pass
+    return True
+
+
+MAPPED_BUFFERS = MappedBuffers()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=MAPPED_BUFFERS.reset)
 
 # %% ../nbs/04_interpolation.ipynb
 @intrinsic

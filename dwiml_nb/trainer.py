@@ -34,6 +34,7 @@ from .core import (CheckpointError, ConfigError, DwimlError, atomic_write, cli_p
                            positive_int, progress_bar, run_cli, setup_logging)
 from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed
 from .experiment import ExperimentLock, _lock_experiment, check_no_symlinks, experiment_paths
+from .interpolation import MAPPED_BUFFERS
 from .schedules import check_schedule_spec, make_scheduler
 from .training_logs import BATCH_COLUMNS, EPOCH_ARRAYS, EPOCH_COLUMNS, TIMING_COLUMNS, CsvLog, NullLog
 # Re-exported only (scripts and tests import them from here):
@@ -469,9 +470,22 @@ def _make_loader(self: DWIMLAbstractTrainer, sampler, epoch, phase):
         sampler.source_data, batch_sampler=sampler, collate_fn=sampler.load_batch,
         num_workers=self.num_workers, persistent_workers=False, generator=generator,
         worker_init_fn=partial(_seed_worker, self.seed, epoch) if self.num_workers else None)
-    # A loader may leave part of a batch to the main process (inputs_in_workers=False: the
-    # interpolation runs here, possibly on the GPU, instead of in the workers).
-    return map(sampler.add_inputs, loader)
+    return _completed_batches(loader, sampler)
+
+
+def _completed_batches(loader, sampler):
+    """The loader's batches, each completed by ``sampler.add_inputs``.
+
+    A loader may leave part of a batch to the main process (inputs_in_workers=False: the
+    interpolation runs here, possibly on the GPU, instead of in the workers). Once its workers are
+    done, the shared buffers they lent are unmapped here at once, not at the next loader's first batch.
+    """
+    try:
+        for batch in loader:
+            yield sampler.add_inputs(batch)
+    finally:
+        if loader.num_workers:
+            MAPPED_BUFFERS.let_go_of_ended()
 
 
 @patch

@@ -4,7 +4,8 @@ Real HDF5 files, real DataLoader worker processes (fork and spawn). What must ho
 are bitwise those of 0 workers; a batch (or a view of its inputs) the main process keeps is never
 overwritten by a later batch; buffers are reused once released; when every buffer is busy the
 worker falls back to fresh ones; inputs a collate function sends outside their batch (torch then
-shares the buffer itself) are never overwritten either.
+shares the buffer itself) are never overwritten either; the main process keeps the buffers it
+received mapped (their next loans come by key alone) and lets them go once their workers end.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dwiml_nb.dataset import MultiSubjectDataset
-from dwiml_nb.interpolation import SHARED_BUFFERS, SharedBuffers
+from dwiml_nb.interpolation import MAPPED_BUFFERS, SHARED_BUFFERS, SharedBuffers
 from dwiml_nb.sampler import SHARED_POINTS, BatchStreamlinesSamplerOneInput
 from dwiml_nb.testing import write_dwiml_hdf5
+from dwiml_nb.trainer import _completed_batches
 
 AUGMENT = dict(split_ratio=0.3, reverse_ratio=0.5, noise_gaussian_size=0.3)
 START_METHODS = [m for m in ('fork', 'spawn') if m in multiprocessing.get_all_start_methods()]
@@ -83,6 +85,7 @@ def test_same_batches_as_0_workers_and_buffers_reused(training_set, start_method
     assert len({epoch for epoch, _ in want}) == 3
     sampler = make_sampler(training_set)
     loader = loader_for(sampler, start_method)
+    by_key = MAPPED_BUFFERS.stats['by_key']
     got, last = [], {}
     for epoch in (0, 1, 2):
         sampler.set_epoch(epoch)
@@ -97,12 +100,41 @@ def test_same_batches_as_0_workers_and_buffers_reused(training_set, start_method
             last[worker_stats['worker']] = worker_stats
             del batch                                          # ... that frees the buffer when dropped
     assert got == list(want) and len(got) > 3 * 2
+    # Lent again, a buffer came by its key alone: this process kept it mapped ...
+    assert MAPPED_BUFFERS.stats['by_key'] > by_key
+    # ... until its worker ended.
+    del loader
+    gc.collect()
+    MAPPED_BUFFERS.let_go_of_ended()
+    assert len(MAPPED_BUFFERS) == 0
     # Batches dropped as they come: each worker allocates a few buffers, then reuses them.
     stats = list(last.values())
     assert sum(s['reused'] for s in stats) > sum(s['created'] for s in stats)
     assert all(s['fallbacks'] == 0 for s in stats)
     # The points, a few hundred KB a batch, ride in the inputs' buffer: their own pool is unused.
     assert all(s['points'] == dict(created=0, reused=0, fallbacks=0, lent=0, retired=0) for s in stats)
+
+
+@pytest.mark.parametrize('start_method', START_METHODS)
+def test_each_epochs_workers_lend_by_key_and_are_let_go_when_they_end(training_set, start_method):
+    # As the trainer runs its loaders: new workers every epoch, their buffers unmapped here once done.
+    want = reference_batches(training_set, (0, 1, 2))
+    sampler = make_sampler(training_set)
+    MAPPED_BUFFERS.let_go_of_ended()
+    for epoch in (0, 1, 2):
+        sampler.set_epoch(epoch)
+        before = dict(MAPPED_BUFFERS.stats)
+        loader = DataLoader(sampler.source_data, batch_sampler=sampler, collate_fn=sampler.load_batch,
+                            num_workers=2, persistent_workers=False, multiprocessing_context=start_method)
+        nb = 0
+        for batch in _completed_batches(loader, sampler):
+            assert_same_batch(batch, want[batch.epoch, batch.batch_index])
+            nb += 1
+            del batch
+        assert nb == sum(1 for key in want if key[0] == epoch) and nb > 4
+        assert MAPPED_BUFFERS.stats['kept'] > before['kept']          # this epoch's workers' buffers ...
+        assert MAPPED_BUFFERS.stats['by_key'] > before['by_key']      # ... lent again by key ...
+        assert len(MAPPED_BUFFERS) == 0                                # ... and let go with their workers
 
 
 @pytest.mark.parametrize('start_method', START_METHODS)
