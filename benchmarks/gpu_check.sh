@@ -22,11 +22,8 @@ fi
                                "| CUDA", torch.version.cuda)'
 
 status=0
-echo "== CUDA tests (pytest -m cuda, and the interpolation tests that need CUDA)"
-# The cuda marker may not be registered in pytest.ini: its warning is not an error.
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -W ignore::pytest.PytestUnknownMarkWarning \
-    tests/test_hardening_checkpoint.py tests/test_interpolation.py || status=1
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_interpolation.py || status=1
+echo "== CUDA tests (every test marked cuda: tests/test_gpu_check_script.py keeps them marked)"
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests || status=1
 
 # Options of a benchmark script that it lists in its --help (the scripts change; never guess).
 options() {

@@ -348,6 +348,7 @@ def test_reused_buffers_in_dataloader_workers_and_threads():
         np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-6)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_matches_cpu():
     rng = np.random.default_rng(10)
@@ -430,6 +431,7 @@ def test_out_of_the_wrong_kind_is_a_config_error():
         interpolate_with_neighborhood(volume, coords, neighborhood_offsets('axes', 1), out=torch.empty(10, 4))
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_out_on_cuda():
     volume = torch.rand(6, 6, 6, 5, device='cuda')

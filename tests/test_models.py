@@ -216,6 +216,29 @@ def test_an_lstm_on_cpu_trains_on_the_packed_kernel_and_a_gru_does_not(monkeypat
     assert not calls and all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+def test_the_model_on_cuda_equals_the_cpu_kernel():
+    # CUDA runs the padded recurrence (cuDNN, one bucket), CPU the packed kernel: same outputs and gradients.
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([[1, 2], rng.integers(1, 80, 60)])
+    model = DirectionGetterModel(6, hidden_size=32, nb_layers=2, use_previous_dirs=2).eval()
+    streams = [torch.tensor(np.cumsum(rng.normal(size=(n, 3)), 0), dtype=torch.float32) for n in lengths]
+    inputs = [torch.randn(n, 6) for n in lengths]
+    results = []
+    for device in ('cpu', 'cuda'):
+        model.to(device)
+        out = model([x.to(device) for x in inputs], [s.to(device) for s in streams])
+        weights = torch.linspace(-1, 2, out.numel(), device=device).reshape(out.shape)
+        grads = torch.autograd.grad((out * weights).sum(), list(model.parameters()))
+        results.append((out.cpu(), [g.cpu() for g in grads]))
+    (cpu, cpu_grads), (cuda, cuda_grads) = results
+    torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5)
+    for a, b in zip(cuda_grads, cpu_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 def test_loss_on_a_batch_is_the_loss_of_the_per_streamline_call():
     # compute_loss_on_batch passes all the points at once; the list form must give the same.
     rng = np.random.default_rng(8)
