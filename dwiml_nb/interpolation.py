@@ -17,6 +17,7 @@ import weakref
 
 import numba
 import numpy as np
+import psutil
 import torch
 from fastcore.basics import patch
 from llvmlite import ir
@@ -407,7 +408,8 @@ class MappedBuffers:
             self._let_go_of_ended()
 
     def _let_go_of_ended(self):
-        ended = [k for k, (_, header) in self._buffers.items() if header[_GONE] or not _alive(k[0])]
+        # psutil, not os.kill(pid, 0): on Windows that would stop the process
+        ended = [k for k, (_, header) in self._buffers.items() if header[_GONE] or not psutil.pid_exists(k[0])]
         for k in ended:
             del self._buffers[k]
         self.stats['let_go'] += len(ended)
@@ -424,16 +426,6 @@ class MappedBuffers:
 
     def __len__(self):
         return len(self._buffers)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:           # alive, someone else's
-        pass
-    return True
 
 
 MAPPED_BUFFERS = MappedBuffers()
