@@ -292,8 +292,10 @@ class _PackedLSTMLayer(torch.autograd.Function):
         # Step 0 starts from a zero state: only the later rows multiplied a previous h.
         first = int(layout.batch_sizes[0])
         grad_w_hh = grad_gates[first:].t() @ hidden.index_select(0, layout.previous) if need[2] else None
-        grad_b = torch.from_numpy(grad_bias.astype(np.float32)) if need[3] or need[4] else None
-        return grad_x, grad_w_ih, grad_w_hh, grad_b, grad_b, None
+        grad_b = torch.from_numpy(grad_bias.astype(np.float32))
+        # Two tensors: one `.grad` per bias, so that an in-place update (clipping) scales each once.
+        return (grad_x, grad_w_ih, grad_w_hh, grad_b if need[3] else None, grad_b.clone() if need[4] else None,
+                None)
 
 # %% ../nbs/08a_lstm_cpu.ipynb
 def can_run(rnn, x):

@@ -135,6 +135,17 @@ def test_what_cannot_run_is_refused():
 
 
 @needs_sgemm
+def test_each_bias_gets_a_gradient_of_its_own():
+    # Both biases have the same gradient: one tensor for both would be scaled twice by in-place clipping.
+    rnn = nn.LSTM(3, 4)
+    run_packed_lstm(rnn, torch.randn(7, 3), packed_layout([5, 2])).sum().backward()
+    assert torch.equal(rnn.bias_ih_l0.grad, rnn.bias_hh_l0.grad)
+    assert rnn.bias_ih_l0.grad.data_ptr() != rnn.bias_hh_l0.grad.data_ptr()
+    torch.nn.utils.clip_grad_norm_(rnn.parameters(), 1e-3)
+    assert torch.equal(rnn.bias_ih_l0.grad, rnn.bias_hh_l0.grad)
+
+
+@needs_sgemm
 def test_a_gradient_of_a_gradient_is_refused_not_wrong():
     rnn = nn.LSTM(3, 4)
     x = torch.randn(5, 3, requires_grad=True)
