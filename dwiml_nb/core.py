@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 # %% auto 0
 __all__ = ['positive_int', 'nonnegative_int', 'positive_float', 'nonnegative_float', 'finite_float', 'DwimlError', 'DataError',
@@ -145,13 +146,8 @@ def _remove_stale_temp(stale):
 
 
 def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    "Whether process ``pid`` exists (psutil, not ``os.kill(pid, 0)``: on Windows that would stop it)."
+    return psutil.pid_exists(pid)
 
 
 def _fsync_file(path):

@@ -17,7 +17,6 @@ import weakref
 
 import numba
 import numpy as np
-import psutil
 import torch
 from fastcore.basics import patch
 from llvmlite import ir
@@ -25,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .core import ConfigError, DataError
+from .core import ConfigError, DataError, _pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -408,8 +407,7 @@ class MappedBuffers:
             self._let_go_of_ended()
 
     def _let_go_of_ended(self):
-        # psutil, not os.kill(pid, 0): on Windows that would stop the process
-        ended = [k for k, (_, header) in self._buffers.items() if header[_GONE] or not psutil.pid_exists(k[0])]
+        ended = [k for k, (_, header) in self._buffers.items() if header[_GONE] or not _pid_alive(k[0])]
         for k in ended:
             del self._buffers[k]
         self.stats['let_go'] += len(ended)
