@@ -156,6 +156,16 @@ def _header(storage):
     return torch.empty(0, dtype=torch.int32).set_(storage, 0, (_HEADER_INTS,)).numpy()
 
 
+def _buffer_id(header):
+    "(maker pid, key) of a shared buffer: how a receiver that keeps it mapped finds it again."
+    return int(header[2]), tuple(int(k) for k in header[_KEY])
+
+
+def _starts_its_buffer(tensor):
+    "Whether ``tensor`` is C-contiguous and starts right after its buffer's header."
+    return tensor.is_contiguous() and tensor.storage_offset() == _HEADER_INTS
+
+
 def _float_view(storage, shape):
     "A float32 C-contiguous tensor of ``shape`` on ``storage``, after the header."
     return torch.empty(0, dtype=torch.float32).set_(storage, _HEADER_INTS, tuple(int(s) for s in shape))
@@ -264,8 +274,9 @@ def lend_with_tail(self: SharedBuffers, tensor, tail):
     """One loan for ``tensor`` and the float32 values ``tail``, written into its buffer right after it.
 
     Each handle costs the receiver a socket round trip to the sender (the file descriptor of the
-    shared memory travels through multiprocessing's resource sharer): a batch's points sent this
-    way, beside its inputs, save one per batch. The loan unpickles as ``(tensor, tail)``, a tensor
+    shared memory travels through multiprocessing's resource sharer), until the receiver keeps the
+    buffer mapped (`MappedBuffers`): a batch's points sent this way, beside its inputs, need no
+    handle of their own. The loan unpickles as ``(tensor, tail)``, a tensor
     and an ndarray of ``tail``'s shape, views of one storage.
 
     Returns None, having lent nothing, unless ``tensor`` is this pool's, starts its buffer, is
@@ -276,8 +287,7 @@ def lend_with_tail(self: SharedBuffers, tensor, tail):
         return None
     with self._lock:
         buffer = self._holder(tensor)
-        if (buffer is None or not tensor.is_contiguous() or tensor.storage_offset() != _HEADER_INTS
-                or tensor.numel() + tail.size > buffer.capacity):
+        if buffer is None or not _starts_its_buffer(tensor) or tensor.numel() + tail.size > buffer.capacity:
             return None
         both = _float_view(buffer.storage, (tensor.numel() + tail.size,))
         both[tensor.numel():].numpy()[...] = tail.reshape(-1)
@@ -310,7 +320,7 @@ class _Loan:
 class _KeyLoan:
     "The same loan by the buffer's key alone, for a receiver that keeps the buffer mapped: no handle to send."
     def __init__(self, header, shape, parts):
-        self.owner, self.key = int(header[2]), tuple(int(k) for k in header[_KEY])
+        self.owner, self.key = _buffer_id(header)
         self.shape, self.parts = shape, parts
     def __reduce__(self): return _receive_key_loan, (self.owner, self.key, self.shape, self.parts)
 
@@ -320,8 +330,8 @@ def _loan_of(buffer, tensor, parts=None):
 
     ``tensor`` must start its buffer (C-contiguous, right after the header) for the key alone to say where it is.
     """
-    if (buffer.header[_MAPPED_BY] != 0 and buffer.header[_MAPPED_BY] == _parent_if_worker()
-            and tensor.is_contiguous() and tensor.storage_offset() == _HEADER_INTS):
+    mapped_by = buffer.header[_MAPPED_BY]
+    if mapped_by != 0 and mapped_by == _parent_if_worker() and _starts_its_buffer(tensor):
         return _KeyLoan(buffer.header, tuple(tensor.shape), parts)
     return _Loan(tensor, parts)
 
@@ -387,7 +397,7 @@ class MappedBuffers:
 
     def keep(self, storage, header):
         "Keep ``storage`` (a received buffer) mapped, and tell its sender; let go of those gone for good."
-        owner, key = int(header[2]), tuple(int(k) for k in header[_KEY])
+        owner, key = _buffer_id(header)
         if header[1] < 0 or owner == os.getpid():       # used once, or our own
             return
         with self._lock:
