@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .core import ConfigError
+from .core import ConfigError, ranges_to_indices
 from .interpolation import _compile_hints
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class PackedLayout:
         self.batch_sizes = nb - np.cumsum(np.bincount(lengths, minlength=longest + 1))[:longest]
         offsets = np.concatenate([[0], np.cumsum(self.batch_sizes)])
         total = int(offsets[-1])
-        step = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        step = ranges_to_indices(np.zeros(nb, np.int64), lengths)     # each step's index in its sequence
         flat = offsets[step] + np.repeat(rank, lengths)
         source = np.empty(total, np.int64)
         source[flat] = np.arange(total)
@@ -124,11 +124,6 @@ def _matmul(a, b, out, rows, b_transposed, accumulate, scratch_ints, scratch_flo
     _sgemm(i, i + 4, i + 8, i + 12, i + 16, f, b.ctypes.data, i + 20, a.ctypes.data, i + 24, f + 4,
            out.ctypes.data, i + 28)
 
-
-@numba.njit(**_KERNEL_FLAGS)
-def _matmul_kernel(a, b, out, b_transposed):
-    _matmul(a, b, out, a.shape[0], b_transposed, False, np.empty(8, np.int32), np.empty(2, np.float32))
-
 # %% ../nbs/08a_lstm_cpu.ipynb
 _LOG2E, _LN2_HIGH, _LN2_LOW = 1.4426950408889634, 0.693359375, -2.1219444005469057e-4
 
@@ -156,12 +151,6 @@ def _sigmoid(x):
     # 2^k from its exponent bits, k clamped as an integer (whatever k is, NaN included)
     e = p * _float_from_bits((min(max(int(k), -126), 127) + 127) << 23)
     return np.float32(1.) / (np.float32(1.) + e) if x == x else x
-
-
-@numba.njit(**_KERNEL_FLAGS)
-def _sigmoid_array(x, out):
-    for j in range(len(x)):
-        out[j] = _sigmoid(x[j])
 
 # %% ../nbs/08a_lstm_cpu.ipynb
 @numba.njit(**_KERNEL_FLAGS)

@@ -280,7 +280,7 @@ def _padded_layout(lengths, bucketed=True):
     rank[order] = np.arange(len(order))
     bucket = np.searchsorted(starts, rank, side='right') - 1
     first_cell = offsets[bucket] + rank - starts[bucket]
-    step = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    step = ranges_to_indices(np.zeros(len(lengths), np.int64), lengths)     # each step's index in its sequence
     flat = np.repeat(first_cell, lengths) + step * np.repeat(rows[bucket], lengths)
     return flat.astype(np.int64), list(zip(offsets[:-1].tolist(), rows.tolist(), widths.tolist())), int(offsets[-1])
 
