@@ -230,7 +230,7 @@ def model_alone(hdf5_file, nb_batches, repeats, device):
                 seconds = run(*spec, batch_set)
                 points = sum(b.nb_points for b in batch_set)
                 rate = (BATCH_SIZE * len(batch_set) / seconds, points / seconds)
-                best[variant] = max(best[variant], rate)
+                best[variant] = max(best[variant], rate, key=lambda r: r[1])   # the ratios are per point
         lengths = np.concatenate([b.streamlines.lengths for s in timed for b in s])
         for variant, (streamlines_per_s, points_per_s) in best.items():
             rows.append(dict(lengths=name, variant=variant, streamlines_per_s=streamlines_per_s,
